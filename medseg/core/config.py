@@ -1,0 +1,148 @@
+"""Pydantic schemas of medseg's YAML configs.
+
+An experiment config has four sections (``data``, ``model``, ``train``, ``infer``) plus a run ``name``. Every
+section forbids unknown keys, so a typo is an error rather than a silently ignored setting. A run saves its
+resolved config as ``config.yaml`` so that ``Predictor.from_run_dir`` can rebuild everything from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medseg.core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Dataset and preprocessing.
+
+    Attributes:
+        root: dataset folder (MSD, nnU-Net raw or paired layout); ``None`` when given on the command line.
+        preset: intensity preset (``ct``, ``mri``); ``None`` takes the model card's.
+        spacing: target voxel spacing in mm; ``None`` keeps each image's own spacing.
+        ct_window: HU window ``[low, high]`` clipped and scaled to [0, 1] by the CT preset.
+        val_fraction: share of training cases held out for validation.
+        crop_foreground: crop images to the non-zero box before patch sampling (MRI skull-stripped data).
+    """
+
+    root: Path | None = None
+    preset: Literal["ct", "mri"] | None = None
+    spacing: tuple[float, float, float] | None = None
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    crop_foreground: bool = False
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"spacing must be positive on every axis, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    """Network choice: a registry name and builder keyword arguments (``kwargs``)."""
+
+    name: str = "segformer3d"
+    roi_size: tuple[int, ...] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    """Optimisation.
+
+    Attributes:
+        epochs: number of epochs; an epoch is ``iters_per_epoch`` optimiser steps.
+        iters_per_epoch: optimiser steps per epoch (nnU-Net uses 250).
+        batch_size: patches per step.
+        lr: AdamW peak learning rate, reached after ``warmup_iters`` linear warm-up steps, then cosine to
+            ``lr * min_lr_ratio``.
+        fg_ratio: share of patches centred on foreground (nnU-Net oversamples 1/3).
+        val_every: validate every this many epochs (and after the last).
+        amp: mixed precision on CUDA (ignored on CPU, where bf16 is slow on many machines).
+        deep_supervision_weights: nnU-Net halving weights are used when the model returns a list.
+    """
+
+    epochs: int = Field(50, ge=1)
+    iters_per_epoch: int = Field(100, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_iters: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    fg_ratio: float = Field(0.5, ge=0, le=1)
+    grad_clip: float | None = 12.0
+    seed: int = 0
+    val_every: int = Field(5, ge=1)
+    num_workers: int = Field(0, ge=0)
+    amp: bool = True
+    loss: Literal["dice_ce"] = "dice_ce"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class InferConfig(_Section):
+    """Sliding-window inference."""
+
+    overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(2, ge=1)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    tta: bool = False
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: what ``medseg train --config`` reads and what a run saves as ``config.yaml``."""
+
+    name: str = "run"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    def updated(self, changes: dict[str, dict[str, Any] | Any]) -> ExperimentConfig:
+        """Return a validated copy with ``{"section": {"key": value}}`` changes applied (``None`` values skipped)."""
+        data = self.model_dump()
+        for section, value in changes.items():
+            if isinstance(value, dict):
+                data[section].update({k: v for k, v in value.items() if v is not None})
+            elif value is not None:
+                data[section] = value
+        return validate_config(data, source="command-line options")
+
+    def to_yaml(self) -> str:
+        """YAML text of the resolved config (paths as strings, tuples as lists)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a config dictionary, turning pydantic's report into one ``ConfigError`` line."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(
+            f"{source} is invalid: {problems}",
+            hint="see configs/*.yaml for the accepted keys (sections: name, data, model, train, infer)",
+        ) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping", expected="keys name/data/model/train/infer")
+    return validate_config(data, source=f"config file {path}")

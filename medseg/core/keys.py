@@ -1,0 +1,6 @@
+"""Dictionary keys shared by datasets, transforms, trainer and predictor."""
+
+IMAGE = "image"
+LABEL = "label"
+PRED = "pred"
+CASE_ID = "case_id"

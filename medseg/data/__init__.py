@@ -1,0 +1,44 @@
+"""Datasets on disk: layouts (MSD, nnU-Net raw, paired folders), the manifest, verification and splits.
+
+Examples::
+
+    >>> from medseg.data import load_manifest, verify_dataset, split_cases
+    >>> manifest = load_manifest("Dataset003_Liver")
+    >>> problems = verify_dataset(manifest)
+    >>> train, val = split_cases(manifest.cases, val_fraction=0.2, seed=0)
+"""
+
+from medseg.data.layouts import EXPECTED_LAYOUTS, detect_layout, load_manifest
+from medseg.data.manifest import (
+    IMAGE_EXTENSIONS,
+    LAYOUTS,
+    Case,
+    LayoutName,
+    Manifest,
+    image_extension,
+    infer_modality,
+    strip_image_extension,
+)
+from medseg.data.splits import kfold, split_cases
+from medseg.data.verify import PROBLEM_KINDS, Problem, ProblemKind, format_problems, verify_dataset
+
+__all__ = [
+    "EXPECTED_LAYOUTS",
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "PROBLEM_KINDS",
+    "Case",
+    "LayoutName",
+    "Manifest",
+    "Problem",
+    "ProblemKind",
+    "detect_layout",
+    "format_problems",
+    "image_extension",
+    "infer_modality",
+    "kfold",
+    "load_manifest",
+    "split_cases",
+    "strip_image_extension",
+    "verify_dataset",
+]

@@ -1,0 +1,357 @@
+"""Image and mask reading/writing with exact geometry: NIfTI (nibabel), NRRD and MetaImage (SimpleITK), DICOM.
+
+One reader per format: nibabel for NIfTI, SimpleITK for NRRD/MetaImage (converted from LPS to RAS), pydicom + ITK
+for DICOM (see :mod:`medseg.io.dicom`). Everything returns the medseg image contract: a float32
+``MetaTensor`` ``(C, X, Y, Z)`` with a RAS ``.affine`` (see :mod:`medseg.io.geometry`). Writers are atomic: they
+write into a temporary folder next to the target and move the result into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from medseg.core.errors import ConfigError, DataError, ModelInputError
+from medseg.io.archive import ZipLimits, safe_extract_zip
+from medseg.io.dicom import read_dicom_series
+from medseg.io.geometry import affine_to_sitk, as_numpy_affine, check_affine, sitk_to_affine, to_metatensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IMAGE_SUFFIXES", "WRITE_SUFFIXES", "load_channels", "load_image", "save_image", "save_mask"]
+
+_FORMATS = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "metaimage",
+    ".mhd": "metaimage",
+}
+#: Suffixes ``load_image`` reads (besides a DICOM folder).
+IMAGE_SUFFIXES: tuple[str, ...] = (*_FORMATS, ".zip")
+#: Suffixes ``save_mask`` / ``save_image`` write.
+WRITE_SUFFIXES: tuple[str, ...] = tuple(_FORMATS)
+_SITK_IO = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _unreadable(path: Path, fmt: str, exc: BaseException) -> DataError:
+    detail = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {detail[-1] if detail else ''}".rstrip(": ")
+    return DataError(
+        f"cannot read {path.name} as {fmt} ({reason})",
+        expected=f"a valid {fmt} file",
+        hint="the file may be truncated or corrupt; re-export it",
+        path=path,
+    )
+
+
+def _read_nifti(path: Path) -> MetaTensor:
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise DataError(f"{path.name} is not a NIfTI image", expected="NIfTI-1 or NIfTI-2", path=path)
+        data = img.get_fdata(dtype=np.float32)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except DataError:
+        raise
+    except Exception as exc:  # nibabel/gzip/zlib raise many types for a broken file; none may escape raw
+        raise _unreadable(path, "NIfTI", exc) from exc
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images are (X, Y, Z, 1, C)
+        data = data[:, :, :, 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    else:
+        raise DataError(f"{path.name} has shape {data.shape}", expected="a 2D, 3D or 4D (X, Y, Z, C) NIfTI", path=path)
+    affine = check_affine(affine, path.name)
+    return to_metatensor(data, affine, {"filename_or_obj": str(path), "source_format": "nifti"})
+
+
+def _read_sitk(path: Path, fmt: str) -> MetaTensor:
+    try:
+        img = sitk.ReadImage(str(path), imageIO=_SITK_IO[fmt])
+        arr = sitk.GetArrayFromImage(img)
+    except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK trace
+        raise _unreadable(path, "NRRD" if fmt == "nrrd" else "MetaImage", exc) from exc
+    dim = img.GetDimension()
+    if dim not in (2, 3) or np.iscomplexobj(arr):
+        raise DataError(
+            f"{path.name} is a {dim}D {img.GetPixelIDTypeAsString()} image",
+            expected="a 2D or 3D image of real scalars or vectors",
+            path=path,
+        )
+    if dim == 2:
+        arr = arr[None]
+    if img.GetNumberOfComponentsPerPixel() == 1:
+        arr = arr[..., None]
+    data = np.transpose(arr, (3, 2, 1, 0))  # SimpleITK (z, y, x, c) -> (c, x, y, z)
+    affine = check_affine(sitk_to_affine(img.GetOrigin(), img.GetSpacing(), img.GetDirection()), path.name)
+    return to_metatensor(data, affine, {"filename_or_obj": str(path), "source_format": fmt})
+
+
+def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: ZipLimits | None = None) -> MetaTensor:
+    """Load an image with its geometry.
+
+    Supported: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``), a folder
+    of DICOM files (searched recursively) and a ``.zip`` of DICOM files (extracted safely into a temporary folder
+    that is removed afterwards). For the DICOM series rule and geometry checks see
+    :func:`medseg.io.dicom.read_dicom_series`.
+
+    Args:
+        path: image file, DICOM folder or DICOM zip.
+        series_uid: DICOM only: the SeriesInstanceUID to read (default: the largest image series).
+        zip_limits: limits for zip extraction (``ZipLimits()`` if None).
+
+    Returns:
+        ``MetaTensor`` ``(C, X, Y, Z)`` float32 (a 3D scalar image has C=1; a 4D NIfTI ``(X, Y, Z, C)`` has C
+        channels). ``.affine`` is the float64 ``(4, 4)`` voxel-to-RAS-mm matrix; ``.meta`` holds
+        ``filename_or_obj``, ``original_affine``, ``spatial_shape``, ``space="RAS"`` and ``source_format`` (one of
+        "nifti", "nrrd", "metaimage", "dicom"; DICOM adds ``series_uid``, ``study_uid``, ``modality``).
+
+    Raises:
+        DataError: missing path, unsupported suffix, unreadable or corrupt file, refused geometry.
+        ConfigError: ``series_uid`` given for a non-DICOM file.
+
+    Examples::
+
+        >>> img = load_image("case001.nii.gz")
+        >>> img.shape, img.affine.shape
+        (torch.Size([1, 256, 256, 120]), torch.Size([4, 4]))
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p} not found", expected="an existing image file or DICOM folder", path=p)
+    if p.is_dir():
+        return read_dicom_series(p, series_uid=series_uid)
+    suffix = _suffix(p)
+    if suffix == ".zip":
+        with tempfile.TemporaryDirectory(prefix="medseg-zip-") as tmp:
+            folder = safe_extract_zip(p, tmp, zip_limits)
+            try:
+                return read_dicom_series(folder, series_uid=series_uid, display_name=str(p))
+            except DataError as err:  # name the zip, not the temporary folder
+                what = err.what.replace(str(folder), p.name)
+                raise DataError(what, expected=err.expected, hint=err.hint, path=p) from err
+    fmt = _FORMATS.get(suffix)
+    if fmt is None:
+        raise DataError(
+            f"{p.name} has an unsupported suffix {suffix or '(none)'}",
+            expected=f"one of {', '.join(IMAGE_SUFFIXES)} or a folder of DICOM files",
+            hint="convert the image to NIfTI, or pass the folder that holds the DICOM series",
+            path=p,
+        )
+    if series_uid is not None:
+        raise ConfigError(f"series_uid given for {p.name}", expected="series_uid only with DICOM input", path=p)
+    return _read_nifti(p) if fmt == "nifti" else _read_sitk(p, fmt)
+
+
+def load_channels(paths: Sequence[str | Path]) -> MetaTensor:
+    """Load one single-channel file per channel and stack them (e.g. BraTS T1/T1ce/T2/FLAIR).
+
+    Args:
+        paths: one image file per channel, in channel order.
+
+    Returns:
+        ``MetaTensor`` ``(C, X, Y, Z)`` with C = ``len(paths)``; affine and meta from the first file, plus
+        ``channel_files`` (list of str).
+
+    Raises:
+        DataError: no paths, a file with more than one channel, or files whose shape or affine differ (atol 1e-4).
+    """
+    files = [Path(p) for p in paths]
+    if not files:
+        raise DataError("no channel files given", expected="at least one image path")
+    images = [load_image(p) for p in files]
+    first = images[0]
+    first_affine = as_numpy_affine(first.affine)
+    for p, img in zip(files, images, strict=True):
+        if img.shape[0] != 1:
+            raise DataError(f"{p.name} has {img.shape[0]} channels", expected="one channel per file", path=p)
+        affine = as_numpy_affine(img.affine)
+        if img.shape != first.shape or not np.allclose(affine, first_affine, rtol=0.0, atol=1e-4):
+            diff = float(np.max(np.abs(affine - first_affine)))
+            raise DataError(
+                f"{p.name} and {files[0].name} differ in geometry (shapes {tuple(img.shape[1:])} vs "
+                f"{tuple(first.shape[1:])}, max affine difference {diff:.3g})",
+                expected="identical shape and affine for every channel (atol 1e-4)",
+                hint="resample the channels onto one grid first",
+                path=p,
+            )
+    data = np.concatenate([img.numpy() for img in images], axis=0)
+    meta = {k: v for k, v in first.meta.items() if k not in ("affine", "original_affine", "spatial_shape")}
+    meta["channel_files"] = [str(p) for p in files]
+    return to_metatensor(data, first_affine, meta)
+
+
+def _output_format(path: Path) -> str:
+    fmt = _FORMATS.get(_suffix(path))
+    if fmt is None:
+        raise DataError(
+            f"cannot write {path.name}: unsupported suffix {_suffix(path) or '(none)'}",
+            expected=f"one of {', '.join(WRITE_SUFFIXES)}",
+            path=path,
+        )
+    return fmt
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_path)`` in a temporary folder beside ``path``, then move its files into place.
+
+    Data files (``.raw``/``.zraw`` of a ``.mhd``, ``.raw.gz`` of a ``.nhdr``) are moved before the file named
+    ``path``, so the header never points at data that is not there yet.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmpdir / path.name)
+        for produced in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(produced, path.parent / produced.name)
+    except Exception as exc:  # writer libraries raise RuntimeError/OSError/ValueError; report them uniformly
+        raise DataError(
+            f"could not write {path.name} ({type(exc).__name__}: {str(exc).strip()[-300:]})",
+            expected="a writable destination",
+            path=path,
+        ) from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _write(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write a channel-first ``(C, X, Y, Z)`` array with its RAS affine in the format named by the suffix."""
+    fmt = _output_format(path)
+    affine = check_affine(affine, path.name)
+
+    def write_nifti(tmp: Path) -> None:
+        data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # NIfTI channels go last
+        img = nib.Nifti1Image(data, affine, dtype=array.dtype)
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, str(tmp))
+
+    def write_sitk(tmp: Path) -> None:
+        if array.shape[0] == 1:
+            img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array[0], (2, 1, 0))))
+        else:
+            img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (3, 2, 1, 0))), isVector=True)
+        origin, spacing, direction = affine_to_sitk(affine)
+        img.SetOrigin(origin)
+        img.SetSpacing(spacing)
+        img.SetDirection(direction)
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+
+    return _write_atomic(path, write_nifti if fmt == "nifti" else write_sitk)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _label_array(mask: Any) -> np.ndarray:
+    """Validate a label map and cast it to the smallest fitting integer type; returns ``(X, Y, Z)``."""
+    arr = _to_numpy(mask)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ModelInputError(f"mask has shape {arr.shape}", expected="(X, Y, Z) or (1, X, Y, Z) integer labels")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise ModelInputError("mask has non-integer values", expected="integer labels", hint="argmax the logits")
+    elif arr.dtype.kind not in "iu":
+        raise ModelInputError(f"mask has dtype {arr.dtype}", expected="an integer label map")
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    for dtype in (np.uint8, np.uint16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return arr.astype(dtype)
+    raise ModelInputError(f"mask labels span {lo}..{hi}", expected="labels that fit in int32")
+
+
+def save_mask(mask: Any, reference: MetaTensor | str | Path, path: str | Path) -> Path:
+    """Write a label map on the exact grid of its reference image.
+
+    Args:
+        mask: integer labels, numpy array or tensor ``(X, Y, Z)`` or ``(1, X, Y, Z)``.
+        reference: the image the mask belongs to (a ``MetaTensor`` from :func:`load_image`, or its path).
+        path: output file; the suffix picks the format: ``.nii``/``.nii.gz`` (nibabel, sform and qform code 1) or
+            ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK, LPS origin/spacing/direction in double precision).
+
+    Returns:
+        ``path`` as a ``Path``. Stored as uint8 when the labels fit, else uint16 or int32. The write is atomic.
+
+    Raises:
+        ModelInputError: the mask's spatial shape differs from the reference's, or it is not an integer label map.
+        DataError: unsupported suffix, unreadable reference file, or the file cannot be written.
+    """
+    out = Path(path)
+    _output_format(out)
+    if isinstance(reference, str | Path):
+        reference = load_image(reference)
+    if not isinstance(reference, MetaTensor):
+        raise ModelInputError(
+            f"reference for {out.name} is a {type(reference).__name__}",
+            expected="a MetaTensor from load_image (or the reference image's path)",
+        )
+    ref = reference
+    labels = _label_array(mask)
+    ref_shape = tuple(int(s) for s in ref.shape[-3:])
+    if labels.shape != ref_shape:
+        raise ModelInputError(
+            f"mask for {out.name} has spatial shape {labels.shape}",
+            expected=f"the reference's spatial shape {ref_shape}",
+            hint="invert resampling/cropping (e.g. Invertd) before saving",
+        )
+    return _write(labels[None], as_numpy_affine(ref.affine), out)
+
+
+def save_image(image: MetaTensor, path: str | Path) -> Path:
+    """Write a float image with its geometry (used e.g. to write generated datasets).
+
+    Args:
+        image: ``MetaTensor`` ``(C, X, Y, Z)`` or ``(X, Y, Z)`` with a RAS ``.affine``; C > 1 is written as a 4D
+            NIfTI ``(X, Y, Z, C)`` or a vector NRRD/MetaImage.
+        path: output file; suffix as for :func:`save_mask`.
+
+    Returns:
+        ``path`` as a ``Path``; the data is stored as float32 and the write is atomic.
+
+    Raises:
+        ModelInputError: ``image`` has no affine or the wrong number of dimensions.
+        DataError: unsupported suffix or the file cannot be written.
+    """
+    out = Path(path)
+    _output_format(out)
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        raise ModelInputError(f"image for {out.name} has no affine", expected="a MetaTensor with .affine")
+    data = _to_numpy(image).astype(np.float32, copy=False)
+    if data.ndim == 3:
+        data = data[None]
+    if data.ndim != 4:
+        raise ModelInputError(f"image for {out.name} has shape {data.shape}", expected="(C, X, Y, Z) or (X, Y, Z)")
+    return _write(data, as_numpy_affine(affine), out)

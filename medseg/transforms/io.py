@@ -1,0 +1,45 @@
+"""Loading transforms that read through :mod:`medseg.io`, so training, inference and the server share one reader.
+
+Array form :class:`LoadImage` and dictionary form :class:`LoadImaged`, as in MONAI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from medseg.io import load_channels, load_image
+
+
+class LoadImage(Transform):
+    """Load an image (or a list of per-channel files) as a channel-first ``MetaTensor (C, X, Y, Z)``.
+
+    MONAI's ``LoadImage`` picks a reader per file from several candidates; medseg keeps one reader per format
+    (see :func:`medseg.io.load_image`), so this transform delegates to it.
+    """
+
+    def __call__(self, path: str | Path | Sequence[str | Path] | MetaTensor) -> MetaTensor:
+        if isinstance(path, MetaTensor):
+            return path
+        if isinstance(path, (list, tuple)):
+            return load_channels([Path(p) for p in path]) if len(path) > 1 else load_image(path[0])
+        return load_image(path)
+
+
+class LoadImaged(MapTransform):
+    """Dictionary form of :class:`LoadImage`; missing keys are allowed when ``allow_missing_keys``."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d

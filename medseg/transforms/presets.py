@@ -1,0 +1,145 @@
+"""MONAI dictionary-transform presets per modality.
+
+Orientation (RAS) and resampling to the target spacing happen once, in :func:`preprocessing`, which both the
+trainer and the predictor use; the predictor maps its output back to the input grid by affine (see
+:mod:`medseg.inference.predictor`). Intensity presets:
+
+* ``ct``: clip to a HU window and scale it to [0, 1] (nnU-Net clips to percentiles of the foreground; a fixed
+  window is simpler to reason about and is what radiologists set).
+* ``mri``: z-score over the non-zero voxels of each channel (nnU-Net's MRI normalisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    FgBgToIndicesd,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medseg.core.errors import ConfigError
+from medseg.core.keys import IMAGE, LABEL
+from medseg.transforms.io import LoadImaged
+
+PRESETS = ("ct", "mri")
+FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # medseg tensors are RAS
+
+
+def intensity(preset: str, ct_window: tuple[float, float] = (-1000.0, 1000.0)) -> list:
+    """Intensity normalisation of the ``image`` key for ``preset`` (``ct`` or ``mri``)."""
+    if preset == "ct":
+        low, high = ct_window
+        if not low < high:
+            raise ConfigError(f"ct_window must be increasing, got {ct_window}", hint="e.g. ct_window: [-1000, 1000]")
+        return [ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)]
+    if preset == "mri":
+        return [NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True)]
+    raise ConfigError(f"unknown intensity preset {preset!r}", expected=f"one of {PRESETS}")
+
+
+def preprocessing(
+    preset: str,
+    spacing: Sequence[float] | None,
+    *,
+    with_label: bool,
+    ct_window: tuple[float, float] = (-1000.0, 1000.0),
+    crop_foreground: bool = False,
+    load: bool = True,
+) -> Compose:
+    """Deterministic part: load, RAS orientation, resampling, intensity, optional foreground crop.
+
+    Args:
+        preset: ``ct`` or ``mri``.
+        spacing: target spacing in mm, or ``None`` to keep the image's own.
+        with_label: also process the ``label`` key (nearest-neighbour resampling).
+        ct_window: HU window of the CT preset.
+        crop_foreground: crop to the bounding box of non-zero image voxels.
+        load: start with :class:`LoadImaged` (``False`` when images arrive already loaded).
+
+    Returns:
+        A ``Compose`` mapping ``{"image": path(s) | MetaTensor (C, X, Y, Z)[, "label": ...]}`` to tensors.
+    """
+    keys = [IMAGE, LABEL] if with_label else [IMAGE]
+    modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    steps: list = [LoadImaged(keys)] if load else []
+    steps.append(Orientationd(keys, axcodes="RAS", labels=RAS_LABELS))
+    if spacing is not None:
+        steps.append(Spacingd(keys, pixdim=tuple(spacing), mode=modes))
+    steps += intensity(preset, ct_window)
+    if crop_foreground:
+        steps.append(CropForegroundd(keys, source_key=IMAGE, margin=4, allow_smaller=True))
+    steps.append(EnsureTyped(keys, track_meta=True))
+    return Compose(steps)
+
+
+def training_sampling(roi_size: Sequence[int], fg_ratio: float, num_samples: int = 1) -> list:
+    """Patch sampling: pad to the ROI, then crop ``num_samples`` patches, ``fg_ratio`` of them on foreground."""
+    keys = [IMAGE, LABEL]
+    return [
+        SpatialPadd(keys, spatial_size=tuple(roi_size)),
+        FgBgToIndicesd(LABEL, fg_postfix=f"_{FG_INDICES}", bg_postfix=f"_{BG_INDICES}"),
+        RandCropByPosNegLabeld(
+            keys,
+            label_key=LABEL,
+            spatial_size=tuple(roi_size),
+            pos=fg_ratio,
+            neg=1.0 - fg_ratio,
+            num_samples=num_samples,
+            fg_indices_key=f"{LABEL}_{FG_INDICES}",
+            bg_indices_key=f"{LABEL}_{BG_INDICES}",
+        ),
+    ]
+
+
+def augmentation(preset: str) -> list:
+    """Training augmentation: flips, rotation/scaling, intensity (nnU-Net-like probabilities)."""
+    keys = [IMAGE, LABEL]
+    steps: list = [
+        RandAffined(
+            keys,
+            prob=0.2,
+            rotate_range=(0.26, 0.26, 0.26),
+            scale_range=(0.15, 0.15, 0.15),
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+        ),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandScaleIntensityd(IMAGE, factors=0.1, prob=0.15),
+        RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.15),
+        RandGaussianNoised(IMAGE, prob=0.1, std=0.05),
+    ]
+    if preset == "mri":
+        steps.append(RandAdjustContrastd(IMAGE, prob=0.15, gamma=(0.7, 1.5)))
+    return steps
+
+
+def training_transforms(
+    preset: str,
+    spacing: Sequence[float] | None,
+    roi_size: Sequence[int],
+    fg_ratio: float,
+    *,
+    ct_window: tuple[float, float] = (-1000.0, 1000.0),
+    crop_foreground: bool = False,
+) -> Compose:
+    """Preprocessing + sampling + augmentation. ``CacheDataset`` caches everything before the first random step."""
+    pre = preprocessing(preset, spacing, with_label=True, ct_window=ct_window, crop_foreground=crop_foreground)
+    return Compose([*pre.transforms, *training_sampling(roi_size, fg_ratio), *augmentation(preset)])

@@ -1,0 +1,211 @@
+"""The ``medseg`` command line (typer). Heavy imports happen inside each command so ``medseg --help`` is fast.
+
+Every ``MedsegError`` is printed as one line and exits with status 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(
+    name="medseg",
+    help="Medical image segmentation: train, predict, evaluate, verify datasets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=err_console, show_path=debug, show_time=False, markup=False)
+    for name in ("medseg", "pipelines"):
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.handlers = [handler]
+        lg.propagate = False
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MSD, nnU-Net raw, or images/ + labels/).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (see `medseg models`).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override train.epochs.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.pt.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Train a model on a dataset folder into a run directory."""
+    from pipelines.train import TrainRequest
+    from pipelines.train import train as run_train
+
+    if model is None and config is None:
+        model = "segformer3d"
+    result = run_train(TrainRequest(data, model, config, epochs, out, resume, not no_progress))
+    best = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f} (epoch {result.best_epoch})"
+    console.print(
+        f"trained {result.epochs} epochs / {result.steps} steps in {result.seconds:.0f} s; best val mean Dice {best}"
+    )
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `medseg train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images: NIfTI, NRRD, MHA, DICOM folder or zip.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="nifti or nrrd.")] = "nifti",
+) -> None:
+    """Segment images; masks land on each input's exact voxel grid."""
+    from pipelines.predict import predict as run_predict
+
+    for case in run_predict(run, inputs, out, tta=tta, fmt=fmt):
+        vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
+        console.print(f"{case.input} → {case.mask}  ({vols})")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[Path, typer.Argument(help="Labelled dataset folder.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON report path.")] = None,
+) -> None:
+    """Predict a labelled dataset and report Dice and HD95 per label."""
+    from pipelines.predict import evaluate as run_evaluate
+
+    report = run_evaluate(run, data, out)
+    console.print(metrics_table(report))
+    console.print(f"report: {report['path']}")
+
+
+def metrics_table(report: dict) -> Table:
+    """Rich table of per-label mean Dice / HD95."""
+    table = Table(title=f"evaluation on {report['data']} ({len(report['cases'])} cases)")
+    table.add_column("label")
+    table.add_column("Dice", justify="right")
+    table.add_column("HD95 (mm)", justify="right")
+    for name, m in report["per_label"].items():
+        table.add_row(name, _fmt(m["dice"]), _fmt(m["hd95"], 2))
+    table.add_row("[bold]mean[/bold]", _fmt(report["mean_dice"]), "")
+    return table
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+@app.command("verify-data")
+def verify_data(data: Annotated[Path, typer.Argument(help="Dataset folder.")]) -> None:
+    """Check a dataset folder and report every problem at once (exit 1 if any)."""
+    from medseg.data import load_manifest, verify_dataset
+
+    manifest = load_manifest(data)
+    problems = verify_dataset(manifest)
+    console.print(
+        f"{manifest.root}: {manifest.layout} layout, {len(manifest.cases)} training / {len(manifest.test_cases)} test "
+        f"cases, channels {list(manifest.channel_names)}, labels {list(manifest.label_names) or '(from files)'}"
+    )
+    if problems:
+        for p in problems:
+            console.print(f"[red]✗[/red] {p}", markup=True, highlight=False)
+        console.print(f"[red]{len(problems)} problem(s)[/red]")
+        raise typer.Exit(1)
+    console.print("[green]no problems found[/green]")
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print the cards as JSON.")] = False) -> None:
+    """List the registered models with their cards."""
+    from medseg.models import get_card, list_models
+
+    cards = [get_card(n) for n in list_models()]
+    if as_json:
+        console.print_json(json.dumps([c.to_dict() for c in cards]))
+        return
+    table = Table(title="medseg models")
+    for col in ("name", "dims", "in→out", "roi", "divisible by", "preset", "params (paper)", "paper"):
+        table.add_column(col)
+    for c in cards:
+        params = f"{c.reference_params / 1e6:.2f} M" if c.reference_params else "—"
+        table.add_row(
+            c.name,
+            f"{c.spatial_dims}D",
+            f"{c.in_channels}→{c.out_channels}",
+            "×".join(map(str, c.roi_size)),
+            "×".join(map(str, c.divisible_by)),
+            c.intensity_preset,
+            params,
+            c.paper,
+        )
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Demo run directory.")] = Path("runs/demo"),
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override the demo's epochs.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo run in --out.")] = False,
+) -> None:
+    """Train SegFormer3D on MNI152 brain tissue and segment two held-out subjects."""
+    from pipelines.demo import run_demo
+
+    result = run_demo(out, epochs=epochs, show_progress=not no_progress, force=force)
+    ev = result.evaluation
+    console.print(metrics_table(ev))
+    gm, wm = ev["per_label"]["gray_matter"]["dice"], ev["per_label"]["white_matter"]["dice"]
+    console.print(f"held-out Dice: gray matter {gm:.4f}, white matter {wm:.4f}, mean {ev['mean_dice']:.4f}")
+    console.print(f"demo finished in {result.seconds:.0f} s. Results in {result.run_dir}/:")
+    console.print(f"  masks:    {', '.join(str(p) for p in result.masks)}")
+    console.print(f"  overlays: {', '.join(str(p) for p in result.overlays)}")
+    console.print(f"  curves:   {result.run_dir / 'curves.png'}   metrics: {result.run_dir / 'metrics.jsonl'}")
+    console.print(f"  report:   {ev['path']}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning medseg errors into one red line and exit status 1."""
+    from medseg.core.errors import MedsegError
+
+    try:
+        rc = app(standalone_mode=False)
+    except MedsegError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

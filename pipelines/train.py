@@ -1,0 +1,119 @@
+"""``medseg train``: dataset folder → verified manifest → model → trainer → run directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.utils import set_determinism
+
+from medseg.core.config import ExperimentConfig, load_config
+from medseg.core.errors import ConfigError, DataError
+from medseg.data import load_manifest, split_cases, verify_dataset
+from medseg.data.labels import resolve_label_names
+from medseg.models import create_model, get_card
+from medseg.training import RunDir, Trainer, TrainResult
+from pipelines.progress import StepProgress, log_to_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the user asked for on the command line (``None`` = keep the config's value)."""
+
+    data: Path
+    model: str | None = None
+    config: Path | None = None
+    epochs: int | None = None
+    out: Path | None = None
+    resume: bool = False
+    show_progress: bool = True
+
+
+def resolve_config(req: TrainRequest) -> ExperimentConfig:
+    """Config file (or defaults) + command-line options."""
+    cfg = load_config(req.config) if req.config else ExperimentConfig()
+    cfg = cfg.updated({"data": {"root": str(req.data)}, "model": {"name": req.model}, "train": {"epochs": req.epochs}})
+    get_card(cfg.model.name)  # unknown model names fail here, with a suggestion
+    return cfg
+
+
+def train(req: TrainRequest) -> TrainResult:
+    """Run (or resume) one training; returns the trainer's summary."""
+    cfg = resolve_config(req)
+    manifest = load_manifest(req.data)
+    run_dir = RunDir(
+        Path(req.out)
+        if req.out
+        else Path("runs") / (cfg.name if cfg.name != "run" else f"{cfg.model.name}_{manifest.root.name}")
+    )
+    if req.resume:
+        if not run_dir.last.is_file():
+            raise ConfigError(f"nothing to resume in {run_dir.root} (no checkpoints/last.pt)", hint="drop --resume")
+        saved = load_config(run_dir.config)
+        cfg = saved.updated({"train": {"epochs": req.epochs}})
+    elif run_dir.last.exists():
+        raise ConfigError(
+            f"{run_dir.root} already holds a training run",
+            hint="add --resume to continue it, or choose another --out",
+        )
+    problems = verify_dataset(manifest)
+    if problems:
+        for p in problems:
+            logger.error("%s", p)
+        raise DataError(
+            f"{len(problems)} problem(s) in dataset {manifest.root}, first: {problems[0]}",
+            hint=f"run `medseg verify-data {manifest.root}` for the full list",
+        )
+    label_names = resolve_label_names(manifest)
+    card = get_card(cfg.model.name)
+    roi = tuple(cfg.model.roi_size or card.roi_size)
+    bad_axes = [i for i, (r, d) in enumerate(zip(roi, card.divisible_by, strict=False)) if r % d]
+    if bad_axes:
+        raise ConfigError(
+            f"model.roi_size {roi} is not divisible by {card.divisible_by} on axes {bad_axes}",
+            hint=f"choose a roi_size whose axes are multiples of {card.divisible_by}",
+        )
+    cfg = cfg.updated({"model": {"roi_size": list(roi)}, "data": {"preset": cfg.data.preset or card.intensity_preset}})
+    set_determinism(seed=cfg.train.seed)
+    model = create_model(
+        cfg.model.name,
+        in_channels=len(manifest.channel_names),
+        label_names=label_names,
+        roi_size=roi,
+        **cfg.model.kwargs,
+    )
+    train_cases, val_cases = split_cases(manifest.cases, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    with log_to_file(run_dir.log):
+        if not req.resume:
+            from medseg.training.rundir import atomic_open
+
+            with atomic_open(run_dir.config) as fh:
+                fh.write(cfg.to_yaml())
+            run_dir.write_json(run_dir.card, model.card.to_dict())
+        logger.info(
+            "training %s on %s: %d training / %d validation cases, labels %s, roi %s, run dir %s",
+            cfg.model.name,
+            manifest.root,
+            len(train_cases),
+            len(val_cases),
+            label_names,
+            roi,
+            run_dir.root,
+        )
+        with StepProgress("training", enabled=req.show_progress) as progress:
+            trainer = Trainer(
+                cfg,
+                model,
+                [c.as_dict() for c in train_cases],
+                [c.as_dict() for c in val_cases],
+                run_dir.root,
+                progress=progress.update,
+            )
+            if req.resume:
+                trainer.resume()
+            result = trainer.fit()
+    return result

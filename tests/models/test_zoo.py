@@ -1,0 +1,148 @@
+"""Contract tests run for every registered model (a new model needs no new test code here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from medseg.core.errors import ModelInputError
+from medseg.models import count_parameters, create_model, get_card, list_models, tiny_overrides
+
+MODELS = list_models()
+
+
+def _first(out: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    return out[0] if isinstance(out, list | tuple) else out
+
+
+def _small_shape(divisible_by: tuple[int, ...]) -> tuple[int, ...]:
+    """Smallest allowed size per axis, the last axis doubled so the input is not a cube (nor a 1-voxel bottleneck)."""
+    return tuple(divisible_by[:-1]) + (2 * divisible_by[-1],)
+
+
+def _tiny(name: str, **extra: object) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, **tiny_overrides(name), **extra)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
+    return request.param, _tiny(request.param)
+
+
+def test_registry_lists_the_first_models() -> None:
+    assert {"segformer3d", "unet"} <= set(MODELS)
+
+
+def test_forward_backward(tiny_model: tuple[str, nn.Module]) -> None:
+    name, model = tiny_model
+    card = model.card
+    shape = _small_shape(card.divisible_by)
+    assert len(shape) == card.spatial_dims
+    model.train()
+    x = torch.randn(2, card.in_channels, *shape)
+    out = model(x)
+    outputs = out if isinstance(out, list | tuple) else [out]
+    for y in outputs:
+        assert y.shape == (2, card.out_channels, *shape), name
+        assert torch.isfinite(y).all(), name
+    sum(y.float().mean() for y in outputs).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: parameters without gradient: {missing[:5]}"
+    model.zero_grad(set_to_none=True)
+
+
+def test_state_dict_round_trip(tiny_model: tuple[str, nn.Module]) -> None:
+    name, model = tiny_model
+    card = model.card
+    x = torch.randn(2, card.in_channels, *_small_shape(card.divisible_by))
+    model.eval()
+    other = create_model(name, **tiny_overrides(name))
+    other.load_state_dict(model.state_dict(), strict=True)
+    other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_first(other(x)), _first(model(x)))
+
+
+def test_card_matches_model(tiny_model: tuple[str, nn.Module]) -> None:
+    name, model = tiny_model
+    card = model.card
+    assert card.name == name
+    assert len(card.label_names) == card.out_channels
+    assert len(card.divisible_by) == len(card.roi_size) == card.spatial_dims
+    assert all(r % k == 0 for r, k in zip(card.roi_size, card.divisible_by, strict=True))
+    assert getattr(model, "in_channels", card.in_channels) == card.in_channels
+    assert getattr(model, "out_channels", card.out_channels) == card.out_channels
+    model.eval()
+    with torch.no_grad():
+        y = _first(model(torch.randn(1, card.in_channels, *_small_shape(card.divisible_by))))
+    assert y.shape[1] == card.out_channels
+
+
+def test_overridden_channels_reach_model_and_card(tiny_model: tuple[str, nn.Module]) -> None:
+    name, _ = tiny_model
+    model = _tiny(name, in_channels=2, out_channels=5).eval()
+    assert (model.card.in_channels, model.card.out_channels) == (2, 5)
+    shape = _small_shape(model.card.divisible_by)
+    with torch.no_grad():
+        assert _first(model(torch.randn(1, 2, *shape))).shape == (1, 5, *shape)
+
+
+def test_rejects_indivisible_input(tiny_model: tuple[str, nn.Module]) -> None:
+    name, model = tiny_model
+    card = model.card
+    shape = list(_small_shape(card.divisible_by))
+    shape[0] += 1
+    with pytest.raises(ModelInputError, match=name) as info:
+        model(torch.randn(1, card.in_channels, *shape))
+    assert "divisible" in str(info.value) and "axis 0" in str(info.value)
+
+
+def test_rejects_wrong_channels_and_rank(tiny_model: tuple[str, nn.Module]) -> None:
+    name, model = tiny_model
+    card = model.card
+    shape = _small_shape(card.divisible_by)
+    with pytest.raises(ModelInputError, match=f"got {card.in_channels + 1} channels, expected {card.in_channels}"):
+        model(torch.randn(1, card.in_channels + 1, *shape))
+    with pytest.raises(ModelInputError, match="dimensions"):
+        model(torch.randn(card.in_channels, *shape))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_full_config_matches_reference_params(name: str) -> None:
+    card = get_card(name)
+    if card.reference_params is None:
+        pytest.skip(f"{name} has no reference parameter count")
+    model = create_model(name, **card.reference_config)
+    n = count_parameters(model)
+    assert abs(n - card.reference_params) <= 0.02 * card.reference_params, f"{name}: {n:,} vs {card.reference_params:,}"
+
+
+# -- contract details of individual families ------------------------------------------------------------------------
+
+
+def test_unet_deep_supervision_returns_list_full_resolution_first() -> None:
+    model = _tiny("unet", deep_supervision=True, deep_supr_num=2)
+    assert model.card.divisible_by == (8, 8, 8)
+    x = torch.randn(2, 1, 8, 16, 16)
+    outs = model.train()(x)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert all(o.shape == (2, 2, 8, 16, 16) for o in outs)
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        assert isinstance(model.eval()(x), Tensor)
+
+
+def test_unet_divisible_by_follows_strides() -> None:
+    model = create_model("unet", filters=(4, 8, 16), strides=(1, (1, 2, 2), 2))
+    assert model.divisible_by == (2, 4, 4)
+    assert model.card.divisible_by == (2, 4, 4)
+    assert get_card("unet").divisible_by == (32, 32, 32)
+
+
+def test_unet_single_voxel_bottleneck_is_refused() -> None:
+    model = _tiny("unet").eval()
+    with pytest.raises(ModelInputError, match="bottleneck"):
+        model(torch.randn(1, 1, 8, 8, 8))
