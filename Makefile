@@ -10,7 +10,6 @@ STAMP := $(VENV)/.medseg-installed
 # torch first and alone (the local CPU wheel), then the project with a constraints file pinning it.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[demo,dev]'
 	@touch $(STAMP)

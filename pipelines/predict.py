@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from medseg.core.atomic import atomic_open
 from medseg.core.errors import DataError
 from medseg.data import load_manifest
 from medseg.inference import Predictor
 from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
 from medseg.training.metrics import case_metrics, summarize
-from medseg.training.rundir import atomic_open
 from medseg.transforms.io import LoadImage
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from monai.utils import set_determinism
 
+from medseg.core.atomic import atomic_open
 from medseg.core.config import ExperimentConfig, load_config
 from medseg.core.errors import ConfigError, DataError
 from medseg.data import load_manifest, split_cases, verify_dataset
@@ -89,8 +90,6 @@ def train(req: TrainRequest) -> TrainResult:
     run_dir.root.mkdir(parents=True, exist_ok=True)
     with log_to_file(run_dir.log):
         if not req.resume:
-            from medseg.training.rundir import atomic_open
-
             with atomic_open(run_dir.config) as fh:
                 fh.write(cfg.to_yaml())
             run_dir.write_json(run_dir.card, model.card.to_dict())

@@ -9,6 +9,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation
 
+from medseg.core.atomic import atomic_write
+from medseg.inference.sliding import plain
 from medseg.transforms.presets import RAS_LABELS
 
 
@@ -34,10 +36,8 @@ def save_overlay(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from medseg.training.rundir import atomic_write
-
-    img = _ras(MetaTensor(torch.as_tensor(image[:1]).float(), affine=image.affine))[0]
-    lbl = _ras(MetaTensor(torch.as_tensor(mask)[None].float(), affine=mask.affine))[0].astype(int)
+    img = _ras(MetaTensor(plain(image[:1]).float(), affine=image.affine))[0]
+    lbl = _ras(MetaTensor(plain(torch.as_tensor(mask))[None].float(), affine=mask.affine))[0].astype(int)
     fg = np.argwhere(lbl > 0)
     centre = fg.mean(0).astype(int) if len(fg) else np.array(lbl.shape) // 2
     cmap = plt.get_cmap("tab10")

@@ -9,8 +9,6 @@ write into a temporary folder next to the target and move the result into place 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
+from medseg.core.atomic import atomic_write
 from medseg.core.errors import ConfigError, DataError, ModelInputError
 from medseg.io.archive import ZipLimits, safe_extract_zip
 from medseg.io.dicom import read_dicom_series
@@ -215,26 +214,15 @@ def _output_format(path: Path) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_path)`` in a temporary folder beside ``path``, then move its files into place.
-
-    Data files (``.raw``/``.zraw`` of a ``.mhd``, ``.raw.gz`` of a ``.nhdr``) are moved before the file named
-    ``path``, so the header never points at data that is not there yet.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    """:func:`medseg.core.atomic.atomic_write`, reporting writer failures as ``DataError``."""
     try:
-        write(tmpdir / path.name)
-        for produced in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(produced, path.parent / produced.name)
+        return atomic_write(path, write)
     except Exception as exc:  # writer libraries raise RuntimeError/OSError/ValueError; report them uniformly
         raise DataError(
             f"could not write {path.name} ({type(exc).__name__}: {str(exc).strip()[-300:]})",
             expected="a writable destination",
             path=path,
         ) from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return path
 
 
 def _write(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:

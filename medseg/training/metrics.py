@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +52,11 @@ def case_metrics(
     p = one_hot(torch.as_tensor(pred)[None, None].long(), n)
     r = one_hot(torch.as_tensor(label)[None, None].long(), n)
     dice = compute_dice(p, r, include_background=False, ignore_empty=True)[0]
-    hd = compute_hausdorff_distance(p, r, include_background=False, percentile=95, spacing=[float(s) for s in spacing])[
-        0
-    ]
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(
+            p, r, include_background=False, percentile=95, spacing=[float(s) for s in spacing]
+        )[0]
     return {name: {"dice": _finite(dice[i]), "hd95": _finite(hd[i])} for i, name in enumerate(label_names[1:])}
 
 
