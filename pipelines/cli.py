@@ -74,11 +74,12 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="nifti or nrrd.")] = "nifti",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Segment images; masks land on each input's exact voxel grid."""
     from pipelines.predict import predict as run_predict
 
-    for case in run_predict(run, inputs, out, tta=tta, fmt=fmt):
+    for case in run_predict(run, inputs, out, tta=tta, fmt=fmt, show_progress=not no_progress):
         vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
         console.print(f"{case.input} → {case.mask}  ({vols})")
 
@@ -88,11 +89,12 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     data: Annotated[Path, typer.Argument(help="Labelled dataset folder.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON report path.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Predict a labelled dataset and report Dice and HD95 per label."""
     from pipelines.predict import evaluate as run_evaluate
 
-    report = run_evaluate(run, data, out)
+    report = run_evaluate(run, data, out, show_progress=not no_progress)
     console.print(metrics_table(report))
     console.print(f"report: {report['path']}")
 
@@ -142,8 +144,8 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the cards
         console.print_json(json.dumps([c.to_dict() for c in cards]))
         return
     table = Table(title="medseg models")
-    for col in ("name", "dims", "in→out", "roi", "divisible by", "preset", "params (paper)", "paper"):
-        table.add_column(col)
+    for col in ("name", "dims", "in→out", "roi", "divisible by", "preset", "params (paper)"):
+        table.add_column(col, no_wrap=True)
     for c in cards:
         params = f"{c.reference_params / 1e6:.2f} M" if c.reference_params else "—"
         table.add_row(
@@ -154,9 +156,10 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the cards
             "×".join(map(str, c.divisible_by)),
             c.intensity_preset,
             params,
-            c.paper,
         )
     console.print(table)
+    for c in cards:
+        console.print(f"  {c.name}: {c.paper}", highlight=False)
 
 
 @app.command()

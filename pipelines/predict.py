@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import track
 
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import DataError
@@ -50,6 +52,7 @@ def predict(
     tta: bool | None = None,
     fmt: str = "nifti",
     predictor: Predictor | None = None,
+    show_progress: bool = False,
 ) -> list[PredictedCase]:
     """Segment every input; write ``<out>/<case>_seg.<ext>`` and ``<case>_seg.json`` (label statistics)."""
     if fmt not in SUFFIXES:
@@ -57,7 +60,7 @@ def predict(
     predictor = predictor or Predictor.from_run_dir(run)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in inputs:
+    for path in _track(inputs, "predicting", show_progress):
         result = predictor.predict(path, tta=tta)
         mask_path = save_mask(result.mask, result.image, out / f"{case_name(path)}_seg{SUFFIXES[fmt]}")
         stats = result.stats_dict()
@@ -68,7 +71,9 @@ def predict(
     return written
 
 
-def evaluate(run: Path, data: Path, out: Path | None = None, *, predictor: Predictor | None = None) -> dict[str, Any]:
+def evaluate(
+    run: Path, data: Path, out: Path | None = None, *, predictor: Predictor | None = None, show_progress: bool = False
+) -> dict[str, Any]:
     """Predict every labelled case of a dataset and score it (Dice, HD95 per label); write JSON."""
     predictor = predictor or Predictor.from_run_dir(run)
     manifest = load_manifest(data)
@@ -77,7 +82,7 @@ def evaluate(run: Path, data: Path, out: Path | None = None, *, predictor: Predi
         raise DataError(f"dataset {data} has no labelled case to evaluate", hint="evaluate needs labels")
     names = predictor.label_names
     per_case = {}
-    for case in labelled:
+    for case in _track(labelled, "evaluating", show_progress):
         result = predictor.predict(LoadImage()(list(case.images)))
         label = np.asarray(load_image(case.label))[0]
         if label.shape != tuple(result.mask.shape):
@@ -90,3 +95,8 @@ def evaluate(run: Path, data: Path, out: Path | None = None, *, predictor: Predi
         json.dump(report, fh, indent=2)
     report["path"] = str(target)
     return report
+
+
+def _track(items: list, description: str, enabled: bool) -> Iterable:
+    """A rich progress bar over ``items`` when enabled and there is more than one."""
+    return track(items, description=description, transient=True) if enabled and len(items) > 1 else items

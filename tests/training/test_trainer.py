@@ -72,3 +72,19 @@ def test_deep_supervision_loss_weights_levels() -> None:
     single = loss(good, target)
     mixed = loss([good, bad[..., ::2, ::2, ::2]], target)
     assert single < mixed < loss(bad, target)
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [("segformer3d", {}), ("unet", {}), ("unet", {"deep_supervision": True, "deep_supr_num": 2})],
+    ids=str,
+)
+def test_every_model_trains_through_the_trainer(model: str, extra: dict, tiny_dataset: Path, tmp_path: Path) -> None:
+    from medseg.models import tiny_overrides
+
+    cfg_path = tiny_config(tmp_path / "c.yaml", epochs=1, model=model)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["model"]["kwargs"] = {**tiny_overrides(model), **extra}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    result = train(TrainRequest(tiny_dataset, config=cfg_path, out=tmp_path / "run", show_progress=False))
+    assert result.steps == 3 and result.best_mean_dice is not None
