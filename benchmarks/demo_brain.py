@@ -111,7 +111,7 @@ def main() -> None:
         f"patches {cfg.model.roi_size}, spacing {cfg.data.spacing} mm; held-out = 2 subjects.",
         "",
         "| network | params (M) | s/step | ×baseline | inference (s) | ×baseline | GM Dice | WM Dice | mean Dice "
-        "| peak RSS (GiB) |",
+        "| process peak RSS so far (GiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -8,6 +8,7 @@ reorientation, resampling or cropping happened in between.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from monai.transforms import SpatialResample
 from torch import nn
 
 from medseg.core.config import ExperimentConfig, load_config
+from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, ModelInputError
 from medseg.core.keys import IMAGE
 from medseg.inference.sliding import WindowSettings, plain, sliding_window_probs
@@ -27,7 +29,7 @@ from medseg.io import load_image
 from medseg.models import ModelCard, create_model
 from medseg.models.checkpoint import load_state_dict_checked
 from medseg.training.rundir import RunDir, load_checkpoint
-from medseg.transforms.presets import preprocessing
+from medseg.transforms.presets import preprocessing_for
 
 logger = logging.getLogger(__name__)
 
@@ -97,25 +99,10 @@ class Predictor:
     def __init__(self, model: nn.Module, config: ExperimentConfig, device: str = "auto") -> None:
         self.card: ModelCard = model.card  # type: ignore[attr-defined]
         self.config = config
-        self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        d = config.data
-        self.preprocess = preprocessing(
-            d.preset or self.card.intensity_preset,
-            d.spacing,
-            with_label=False,
-            ct_window=d.ct_window,
-            crop_foreground=d.crop_foreground,
-            load=False,
-        )
-        roi = config.model.roi_size or self.card.roi_size
-        self.window = WindowSettings(
-            roi_size=tuple(roi),
-            overlap=config.infer.overlap,
-            sw_batch_size=config.infer.sw_batch_size,
-            blend=config.infer.blend,
-            tta=config.infer.tta,
-        )
+        self.preprocess = preprocessing_for(config.data, self.card.intensity_preset, with_label=False, load=False)
+        self.window = WindowSettings.from_config(config, self.card)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -175,7 +162,7 @@ class Predictor:
                 hint="give one file per channel in the order of training (e.g. case_0000, case_0001)",
             )
         prepared = self.preprocess({IMAGE: original.clone()})[IMAGE]
-        window = self.window if tta is None else WindowSettings(**{**self.window.__dict__, "tta": tta})
+        window = self.window if tta is None else dataclasses.replace(self.window, tta=tta)
         x = plain(prepared)[None].float().to(self.device)
         probs = sliding_window_probs(self.model, x, window)[0].cpu()
         probs = MetaTensor(probs, affine=prepared.affine)

@@ -15,6 +15,9 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from medseg.core.config import ExperimentConfig
+from medseg.models.card import ModelCard
+
 
 @dataclass(frozen=True)
 class WindowSettings:
@@ -33,6 +36,13 @@ class WindowSettings:
     sw_batch_size: int = 2
     blend: str = "gaussian"
     tta: bool = False
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, card: ModelCard) -> WindowSettings:
+        """Settings of a run: its ``infer`` section, ROI from ``model.roi_size`` or else the card's."""
+        inf = config.infer
+        roi = tuple(config.model.roi_size or card.roi_size)
+        return cls(roi, overlap=inf.overlap, sw_batch_size=inf.sw_batch_size, blend=inf.blend, tta=inf.tta)
 
 
 def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:

@@ -8,6 +8,7 @@ the same step counter and the same data it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,13 +23,13 @@ from monai.data import CacheDataset, DataLoader, list_data_collate
 from torch import nn
 
 from medseg.core.config import ExperimentConfig
-from medseg.core.errors import ConfigError
+from medseg.core.device import pick_device
 from medseg.core.keys import IMAGE, LABEL
 from medseg.inference.sliding import WindowSettings, plain, sliding_window_probs
 from medseg.training.losses import build_loss
 from medseg.training.metrics import dice_per_label
 from medseg.training.rundir import RunDir, load_checkpoint, plot_curves, save_checkpoint
-from medseg.transforms.presets import preprocessing, training_transforms
+from medseg.transforms.presets import preprocessing_for, training_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ class TrainResult:
     best_mean_dice: float | None
     best_epoch: int | None
     seconds: float
-
-
-def pick_device(choice: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; asking for CUDA without one is a ``ConfigError``."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible", hint="use device: auto or cpu")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def warmup_cosine(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -94,13 +88,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.progress = progress
         t, d = config.train, config.data
-        roi = config.model.roi_size or self.card.roi_size
-        self.window = WindowSettings(
-            roi_size=tuple(roi),
-            overlap=config.infer.overlap,
-            sw_batch_size=config.infer.sw_batch_size,
-            blend=config.infer.blend,
-        )
+        self.window = dataclasses.replace(WindowSettings.from_config(config, self.card), tta=False)
+        roi = self.window.roi_size
         preset = d.preset or self.card.intensity_preset
         self.train_ds = CacheDataset(
             train_cases,
@@ -111,9 +100,7 @@ class Trainer:
         )
         self.val_ds = CacheDataset(
             val_cases,
-            transform=preprocessing(
-                preset, d.spacing, with_label=True, ct_window=d.ct_window, crop_foreground=d.crop_foreground
-            ),
+            transform=preprocessing_for(d, self.card.intensity_preset, with_label=True),
             progress=False,
         )
         self.loss_fn = build_loss(t.loss)

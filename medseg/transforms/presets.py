@@ -32,6 +32,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from medseg.core.config import DataConfig
 from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
 from medseg.transforms.io import LoadImaged
@@ -86,6 +87,18 @@ def preprocessing(
         steps.append(CropForegroundd(keys, source_key=IMAGE, margin=4, allow_smaller=True))
     steps.append(EnsureTyped(keys, track_meta=True))
     return Compose(steps)
+
+
+def preprocessing_for(data: DataConfig, default_preset: str, *, with_label: bool, load: bool = True) -> Compose:
+    """:func:`preprocessing` as a run's ``data`` section describes it (``default_preset``: the model card's)."""
+    return preprocessing(
+        data.preset or default_preset,
+        data.spacing,
+        with_label=with_label,
+        ct_window=data.ct_window,
+        crop_foreground=data.crop_foreground,
+        load=load,
+    )
 
 
 def training_sampling(roi_size: Sequence[int], fg_ratio: float, num_samples: int = 1) -> list:
