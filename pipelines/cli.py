@@ -163,6 +163,22 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the cards
 
 
 @app.command()
+def serve(
+    models: Annotated[
+        Path, typer.Option("--models", help="Folder of run directories / nnU-Net results folders.")
+    ] = Path("models"),
+    host: Annotated[str, typer.Option("--host", help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    settings: Annotated[Path | None, typer.Option("--settings", help="Server settings YAML.")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable authentication (local use only).")] = False,
+) -> None:
+    """Serve the models over REST, DICOMweb and the MONAI Label protocol (3D Slicer)."""
+    from pipelines.serve import serve as run_serve
+
+    run_serve(models, host=host, port=port, settings_file=settings, no_auth=no_auth)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Demo run directory.")] = Path("runs/demo"),
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override the demo's epochs.")] = None,

@@ -141,6 +141,18 @@ class Predictor:
         load_state_dict_checked(model, ckpt["model"], source=str(rd.root))
         return cls(model, config, device=device)
 
+    @staticmethod
+    def from_nnunet_results(
+        folder: str | Path, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth", device: str = "auto"
+    ) -> Any:
+        """A predictor for any nnU-Net v2 results folder, with this class's ``predict`` interface.
+
+        See :class:`medseg.integrations.nnunet.results.NnUNetResultsPredictor`.
+        """
+        from medseg.integrations.nnunet.results import NnUNetResultsPredictor
+
+        return NnUNetResultsPredictor.from_folder(Path(folder), fold=fold, checkpoint=checkpoint, device=device)
+
     def predict(
         self, image: str | Path | MetaTensor, *, tta: bool | None = None, keep_probabilities: bool = False
     ) -> Prediction:

@@ -9,6 +9,7 @@ U-Net's strides) sets ``model.divisible_by`` on the module it returns; ``create_
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from medseg.core.errors import ConfigError
 from medseg.core.registry import Registry
 from medseg.models.card import ModelCard
 
-# Modules that register networks when imported; ``list_models`` imports them all.
-_FAMILIES = ("medseg.models.segformer3d", "medseg.models.unet")
+# Every module of ``medseg.models`` registers its networks when imported, except these infrastructure modules;
+# a new family is a new file, with no list to edit.
+_INFRASTRUCTURE = {"card", "checkpoint", "checks", "registry"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ def register_model(
 
 
 def _load_families() -> None:
-    for module in _FAMILIES:
-        importlib.import_module(module)
+    package = importlib.import_module("medseg.models")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg and info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
+            importlib.import_module(f"medseg.models.{info.name}")
 
 
 def list_models() -> list[str]:

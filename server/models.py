@@ -1,0 +1,82 @@
+"""The models a server offers: every run directory (and nnU-Net results folder) under ``models_dir``, loaded once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from medseg.core.errors import MedsegError
+from medseg.core.registry import did_you_mean
+from medseg.inference import Prediction, Predictor
+from medseg.models import ModelCard
+from server.errors import ApiError
+
+logger = logging.getLogger("server")
+
+
+class SegmentationModel(Protocol):
+    """What the server needs of a model: a card, label names and ``predict``."""
+
+    card: ModelCard
+
+    @property
+    def label_names(self) -> tuple[str, ...]: ...
+
+    def predict(self, image: Any, *, tta: bool | None = None, keep_probabilities: bool = False) -> Prediction: ...
+
+
+def load_model(folder: Path, device: str = "auto") -> SegmentationModel:
+    """A run directory (``config.yaml``) or an nnU-Net results folder (``plans.json`` + ``dataset.json``)."""
+    if (folder / "config.yaml").is_file():
+        return Predictor.from_run_dir(folder, device=device)
+    return Predictor.from_nnunet_results(folder, device=device)
+
+
+@dataclass
+class ModelStore:
+    """Name → loaded model; inference on one model is serialised by a lock (models are not re-entrant)."""
+
+    models: dict[str, SegmentationModel] = field(default_factory=dict)
+    source: dict[str, Path] = field(default_factory=dict)
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, models_dir: Path, device: str = "auto") -> ModelStore:
+        """Load every model folder directly under ``models_dir`` (broken ones are logged and skipped)."""
+        store = cls()
+        if not models_dir.is_dir():
+            logger.warning("models directory %s does not exist: serving no models", models_dir)
+            return store
+        for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+            if not ((folder / "config.yaml").is_file() or (folder / "plans.json").is_file()):
+                continue
+            try:
+                store.add(folder.name, load_model(folder, device), folder)
+            except MedsegError as exc:
+                logger.error("skipping model %s: %s", folder, exc.message)
+        logger.info("serving models %s", store.names())
+        return store
+
+    def add(self, name: str, model: SegmentationModel, source: Path | None = None) -> None:
+        self.models[name] = model
+        self.locks[name] = threading.Lock()
+        if source is not None:
+            self.source[name] = source
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def get(self, name: str) -> SegmentationModel:
+        """The model ``name`` or a 404 with a suggestion."""
+        if name not in self.models:
+            hint = did_you_mean(name, self.names()) or f"available models: {self.names()}"
+            raise ApiError(404, "NotFound", f"no model named {name!r}", hint=hint)
+        return self.models[name]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """The card of ``name`` plus its label names (JSON-friendly)."""
+        model = self.get(name)
+        return {"name": name, "card": model.card.to_dict(), "label_names": list(model.label_names)}
