@@ -28,6 +28,15 @@ err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 
+def _mount_subcommands() -> None:
+    from pipelines.nnunet_cli import nnunet_app
+
+    app.add_typer(nnunet_app, name="nnunet", help="nnU-Net v2: export datasets, train STU-Net / nnU-Net, predict.")
+
+
+_mount_subcommands()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
@@ -102,12 +111,16 @@ def evaluate(
 def metrics_table(report: dict) -> Table:
     """Rich table of per-label mean Dice / HD95."""
     table = Table(title=f"evaluation on {report['data']} ({len(report['cases'])} cases)")
+    metrics = ("dice", "hd95", "accuracy", "precision", "specificity", "iou", "mcc")
     table.add_column("label")
-    table.add_column("Dice", justify="right")
-    table.add_column("HD95 (mm)", justify="right")
+    for metric in metrics:
+        table.add_column(
+            "HD95 (mm)" if metric == "hd95" else metric.capitalize().replace("Iou", "IoU").replace("Mcc", "MCC"),
+            justify="right",
+        )
     for name, m in report["per_label"].items():
-        table.add_row(name, _fmt(m["dice"]), _fmt(m["hd95"], 2))
-    table.add_row("[bold]mean[/bold]", _fmt(report["mean_dice"]), "")
+        table.add_row(name, *(_fmt(m.get(k), 2 if k == "hd95" else 4) for k in metrics))
+    table.add_row("[bold]mean[/bold]", _fmt(report["mean_dice"]), *[""] * (len(metrics) - 1))
     return table
 
 
@@ -165,12 +178,12 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the cards
 @app.command()
 def serve(
     models: Annotated[
-        Path, typer.Option("--models", help="Folder of run directories / nnU-Net results folders.")
-    ] = Path("models"),
+        Path | None, typer.Option("--models", help="Folder of run dirs / nnU-Net results (default: settings).")
+    ] = None,
     host: Annotated[str, typer.Option("--host", help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     settings: Annotated[Path | None, typer.Option("--settings", help="Server settings YAML.")] = None,
-    no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable authentication (local use only).")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Disable authentication (loopback only).")] = False,
 ) -> None:
     """Serve the models over REST, DICOMweb and the MONAI Label protocol (3D Slicer)."""
     from pipelines.serve import serve as run_serve

@@ -25,6 +25,7 @@ from server.errors import ApiError, error_body, install_error_handlers
 from server.models import ModelStore
 from server.security import TokenStore
 from server.settings import Settings, load_settings
+from server.uploads import BodyLimitMiddleware
 
 logger = logging.getLogger("server")
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, models: ModelStore | None = Non
     app.state.settings = settings
     app.state.tokens = TokenStore(settings.token_ttl_s)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)  # also caps chunked bodies
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]

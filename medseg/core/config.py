@@ -67,7 +67,8 @@ class TrainConfig(_Section):
         fg_ratio: share of patches centred on foreground (nnU-Net oversamples 1/3).
         val_every: validate every this many epochs (and after the last).
         amp: mixed precision on CUDA (ignored on CPU, where bf16 is slow on many machines).
-        deep_supervision_weights: nnU-Net halving weights are used when the model returns a list.
+        loss: a name from the loss registry (``dice_ce``, ``mpunet_hybrid``); lists of outputs (deep supervision)
+            get nnU-Net's halving weights unless the loss weights them itself.
     """
 
     epochs: int = Field(50, ge=1)
@@ -83,7 +84,7 @@ class TrainConfig(_Section):
     val_every: int = Field(5, ge=1)
     num_workers: int = Field(0, ge=0)
     amp: bool = True
-    loss: Literal["dice_ce"] = "dice_ce"
+    loss: str = "dice_ce"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

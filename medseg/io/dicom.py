@@ -24,7 +24,7 @@ from medseg.io.geometry import LPS_RAS_FLIP, to_metatensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DicomSeries", "list_dicom_series", "read_dicom_series"]
+__all__ = ["DicomSeries", "list_dicom_series", "read_dicom_series", "sorted_series_files"]
 
 # Non-image objects that may share a study folder with the images.
 _NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "DOC", "REG"})
@@ -291,6 +291,29 @@ def _sort_and_affine(items: list[_Instance], folder: Path) -> tuple[list[Path], 
     lps[:3, 2] = normal * gap
     lps[:3, 3] = positions[0]
     return [i.path for i in items], LPS_RAS_FLIP @ lps
+
+
+def sorted_series_files(folder: str | Path, *, series_uid: str | None = None) -> tuple[str, list[Path], np.ndarray]:
+    """The series :func:`read_dicom_series` would read, without decoding pixels: its UID, files and affine.
+
+    Same series rule, geometry checks and slice order as :func:`read_dicom_series`, so ``paths[k]`` is the file of
+    slice ``Z = k`` of the volume it returns (writers such as DICOM SEG use this to map a mask back to instances).
+
+    Args:
+        folder: folder of DICOM files (searched recursively).
+        series_uid: SeriesInstanceUID to use, or None to choose as :func:`read_dicom_series` does.
+
+    Returns:
+        ``(series_uid, paths in slice order, RAS affine (4, 4))``.
+
+    Raises:
+        DataError: no image series, unknown ``series_uid`` or refused geometry.
+    """
+    folder = Path(folder)
+    groups = _scan(folder)
+    uid = _choose(groups, series_uid, folder)
+    paths, affine = _sort_and_affine(groups[uid], folder)
+    return uid, paths, affine
 
 
 def _decode(paths: list[Path], folder: Path) -> np.ndarray:

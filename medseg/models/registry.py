@@ -9,8 +9,8 @@ U-Net's strides) sets ``model.divisible_by`` on the module it returns; ``create_
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import inspect
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any

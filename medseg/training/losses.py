@@ -53,5 +53,10 @@ class DeepSupervisionLoss(nn.Module):
 
 
 def build_loss(name: str) -> nn.Module:
-    """The registered loss ``name`` wrapped for deep supervision."""
-    return DeepSupervisionLoss(LOSSES.get(name)())
+    """The registered loss ``name``, wrapped for deep supervision unless it handles output lists itself."""
+    loss = LOSSES.get(name)()
+    return loss if getattr(loss, "handles_deep_supervision", False) else DeepSupervisionLoss(loss)
+
+
+# Losses of individual model families register themselves on import.
+from medseg.training import losses_mpunet as _losses_mpunet  # noqa: E402,F401

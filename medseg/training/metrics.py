@@ -1,4 +1,5 @@
-"""Segmentation metrics per label (MONAI's implementations): Dice and 95th-percentile Hausdorff distance."""
+"""Segmentation metrics per label: Dice and 95th-percentile Hausdorff distance (MONAI), and the confusion-matrix
+metrics MPU-Net reports (accuracy, precision, specificity, IoU, MCC; :mod:`medseg.training.confusion`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
+
+from medseg.training.confusion import binary_confusion_metrics
 
 
 def dice_per_label(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -36,7 +39,7 @@ def dice_per_label(pred: torch.Tensor, label: torch.Tensor, num_classes: int) ->
 def case_metrics(
     pred: torch.Tensor, label: torch.Tensor, label_names: Sequence[str], spacing: Sequence[float]
 ) -> dict[str, dict[str, float | None]]:
-    """Dice and HD95 (mm) of every foreground label of one case.
+    """Dice, HD95 (mm), accuracy, precision, specificity, IoU and MCC of every foreground label of one case.
 
     Args:
         pred: predicted labels ``(X, Y, Z)``.
@@ -45,8 +48,8 @@ def case_metrics(
         spacing: voxel spacing in mm, for HD95.
 
     Returns:
-        ``{label_name: {"dice": float | None, "hd95": float | None}}``; ``None`` where undefined (label absent
-        from both masks, or from one of them for HD95).
+        ``{label_name: {"dice", "hd95", "accuracy", "precision", "specificity", "iou", "mcc"}}`` (one-vs-rest,
+        see :mod:`medseg.training.confusion` for the empty-case rules); ``None`` where undefined.
     """
     n = len(label_names)
     p = one_hot(torch.as_tensor(pred)[None, None].long(), n)
@@ -57,7 +60,12 @@ def case_metrics(
         hd = compute_hausdorff_distance(
             p, r, include_background=False, percentile=95, spacing=[float(s) for s in spacing]
         )[0]
-    return {name: {"dice": _finite(dice[i]), "hd95": _finite(hd[i])} for i, name in enumerate(label_names[1:])}
+    confusion = binary_confusion_metrics(np.asarray(pred), np.asarray(label), n)
+    out: dict[str, dict[str, float | None]] = {}
+    for i, name in enumerate(label_names[1:]):
+        extra = {k: _finite(torch.tensor(v)) for k, v in confusion[i + 1].items() if k != "dice"}
+        out[name] = {"dice": _finite(dice[i]), "hd95": _finite(hd[i]), **extra}
+    return out
 
 
 def summarize(per_case: dict[str, dict[str, dict[str, float | None]]]) -> dict[str, Any]:
@@ -66,8 +74,8 @@ def summarize(per_case: dict[str, dict[str, dict[str, float | None]]]) -> dict[s
     names = next(iter(per_case.values())).keys() if per_case else []
     for name in names:
         labels[name] = {}
-        for metric in ("dice", "hd95"):
-            values = [c[name][metric] for c in per_case.values() if c[name][metric] is not None]
+        for metric in next(iter(per_case.values()))[name]:
+            values = [c[name][metric] for c in per_case.values() if c[name].get(metric) is not None]
             labels[name][metric] = round(float(np.mean(values)), 4) if values else None
     dices = [v["dice"] for v in labels.values() if v["dice"] is not None]
     return {"per_label": labels, "mean_dice": round(float(np.mean(dices)), 4) if dices else None}

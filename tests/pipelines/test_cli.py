@@ -68,7 +68,7 @@ def test_predict_and_evaluate(trained_run: Path, tiny_dataset: Path, tmp_path: P
     assert code == 0, out
     report = json.loads((trained_run / "evaluation" / f"{tiny_dataset.name}.json").read_text())
     assert set(report["per_label"]) == {"sphere", "box"} and len(report["cases"]) == 4
-    assert {"dice", "hd95"} == set(report["per_label"]["sphere"])
+    assert {"dice", "hd95", "accuracy", "precision", "specificity", "iou", "mcc"} == set(report["per_label"]["sphere"])
 
 
 def test_verify_data_clean_and_broken(tiny_dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -1,0 +1,117 @@
+"""Asynchronous jobs: ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/result``, ``DELETE /v1/jobs/{id}``.
+
+``POST`` takes the inputs of ``predict`` plus the model name (form or query field ``model``). The upload is checked
+before the job is accepted (suffix, size, zip safety, voxel cap, readable image, channel count), so an accepted job
+fails only for a real fault or its timeout. The job runs in the worker process of :class:`server.jobs.JobManager`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+
+from medseg.core.errors import ModelInputError
+from server.errors import ApiError
+from server.jobs import JobManager
+from server.results import LABEL_HEADER, check_output, file_response
+from server.routes.predict import pick, require_multipart
+from server.schemas import JobCreated, JobDeleted, JobStatus, OutputFormat, error_responses
+from server.security import require_auth
+from server.settings import Settings
+from server.uploads import open_image, receive_upload
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_auth)])
+
+JobId = Path(..., pattern=r"^[0-9a-f]{32}$", description="the id returned by POST /v1/jobs")
+
+
+def _jobs(request: Request) -> JobManager:
+    return request.app.state.jobs
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobCreated,
+    summary="Queue a segmentation job",
+    responses=error_responses(401, 404, 413, 415, 422, 503),
+    dependencies=[Depends(require_multipart)],
+)
+async def create_job(
+    request: Request,
+    file: UploadFile = File(..., description="NIfTI/NRRD/MHA image, or a .zip of one DICOM series"),
+    model_f: str | None = Form(None, alias="model", description="served model name"),
+    output_f: OutputFormat | None = Form(None, alias="output"),
+    tta_f: bool | None = Form(None, alias="tta"),
+    model_q: str | None = Query(None, alias="model"),
+    output_q: OutputFormat | None = Query(None, alias="output", description="nifti (default), nrrd, dicom-seg, json"),
+    tta_q: bool | None = Query(None, alias="tta"),
+) -> JSONResponse:
+    """Accept a job (202 + id); poll ``GET /v1/jobs/{id}``, then fetch ``/result``. 503 + Retry-After when full."""
+    settings: Settings = request.app.state.settings
+    name = pick(model_q, model_f, None)
+    if not name:
+        raise ApiError(422, "ValidationError", "the field `model` is missing", hint="add -F model=<name>")
+    output = pick(output_q, output_f, OutputFormat.nifti)
+    tta = pick(tta_q, tta_f, None)
+    store = request.app.state.models
+    model = store.get(name)
+    jobs = _jobs(request)
+    jobs.check_capacity()
+    upload = await receive_upload(file, settings)
+    try:
+        check_output(output, upload.is_dicom)
+        image = await run_in_threadpool(open_image, upload, settings)
+        if image.shape[0] != model.card.in_channels:
+            raise ModelInputError(
+                f"{upload.filename} has {image.shape[0]} channel(s) but model {name!r} takes {model.card.in_channels}",
+                hint="send an image with the channels the model was trained on",
+            )
+        del image
+        job_id = await run_in_threadpool(
+            jobs.submit, name, upload.path, output, tta, model_dir=store.source.get(name), stem=upload.stem
+        )
+    finally:
+        upload.cleanup()
+    body = JobCreated(id=job_id, state="queued").model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobStatus,
+    summary="State, progress and timings of a job",
+    responses=error_responses(401, 404),
+)
+async def get_job(request: Request, job_id: str = JobId) -> JobStatus:
+    return JobStatus.model_validate(_jobs(request).get(job_id).status())
+
+
+@router.get(
+    "/{job_id}/result",
+    summary="The result of a finished job",
+    response_class=FileResponse,
+    responses={
+        200: {"description": f"the mask file or json statistics; label names in `{LABEL_HEADER}`"},
+        **error_responses(401, 404, 409),
+    },
+)
+async def get_result(request: Request, job_id: str = JobId) -> FileResponse:
+    jobs = _jobs(request)
+    path = jobs.result_path(job_id)
+    job = jobs.get(job_id)
+    if not path.is_file():
+        raise ApiError(409, "ResultMissing", f"the result of job {job_id} is gone", hint="submit the job again")
+    return file_response(path, OutputFormat(job.output), job.stem, job.labels)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobDeleted,
+    summary="Cancel a job, or delete a finished one",
+    responses=error_responses(401, 404, 409),
+)
+async def delete_job(request: Request, job_id: str = JobId) -> JobDeleted:
+    state = await run_in_threadpool(_jobs(request).cancel, job_id)
+    return JobDeleted(id=job_id, state=state)

@@ -1,0 +1,128 @@
+"""End to end through nnU-Net v2 on CPU: export -> fingerprint/plan/preprocess -> a tiny STU-Net training ->
+nnU-Net's validation -> prediction through ``NnUNetResultsPredictor``, checked voxel for voxel against nnU-Net's own
+outputs and against the input's geometry. Also nnU-Net's own predict command with medseg's trainer, and weights that
+do not fit the plans."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medseg.core.errors import ModelInputError, WeightsError
+from medseg.integrations.nnunet import NnUNetResultsPredictor, NnUNetRunSettings, run_nnunet
+from medseg.io import load_image, save_image
+from tests.helpers import write_msd
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV_BEFORE = os.environ.get("nnUNet_raw")
+TINY_BUDGET = NnUNetRunSettings(
+    val_iterations_per_epoch=1, num_processes=1, augmentation_processes=0, validate=True, max_features=16
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(dataset, work dir, results folder) of a 2-epoch x 3-iteration STU-Net (widths 4..64) training, fold 0."""
+    tmp = tmp_path_factory.mktemp("nnunet")
+    data = write_msd(tmp / "msd", n_cases=5)
+    folder = run_nnunet(
+        data,
+        tmp / "work",
+        model="stunet_tiny",
+        dataset_id=501,
+        fold=0,
+        epochs=2,
+        iterations_per_epoch=3,
+        device="cpu",
+        settings=TINY_BUDGET,
+    )
+    return data, tmp / "work", folder
+
+
+def test_training_writes_an_nnunet_results_folder(trained: tuple[Path, Path, Path]) -> None:
+    _, work, folder = trained
+    assert folder == work / "nnUNet_results" / "Dataset501_tiny" / "STUNetTrainer_tiny__nnUNetPlans__3d_fullres"
+    for name in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth", "fold_0/validation/summary.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "fold_0" / "debug.json").read_text())["num_epochs"] == "2"
+    assert os.environ.get("nnUNet_raw") == ENV_BEFORE  # the runner restored the environment
+
+
+def test_predictor_matches_nnunet_validation_on_the_input_grid(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    data, _, folder = trained
+    predictor = NnUNetResultsPredictor.from_folder(folder, fold=0, device="cpu")
+    card = predictor.card
+    assert (card.in_channels, card.out_channels) == (1, 3)
+    assert predictor.label_names == card.label_names == ("background", "sphere", "box")
+    plans = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert card.roi_size == tuple(plans["patch_size"][::-1])  # nnU-Net (z, y, x) -> medseg (X, Y, Z)
+
+    # nnU-Net's final validation predicted the fold's validation case from its preprocessed data, with mirroring,
+    # and wrote it through SimpleITK; we start from the raw image as medseg loads it.
+    (reference,) = sorted((folder / "fold_0" / "validation").glob("*.nii.gz"))
+    case = reference.name.removesuffix(".nii.gz")
+    image = load_image(data / "imagesTr" / f"{case}.nii.gz")
+    result = predictor.predict(image, tta=True, keep_probabilities=True)
+    assert result.mask.shape == image.shape[1:]
+    np.testing.assert_array_equal(np.asarray(result.mask.affine), np.asarray(image.affine))
+    nnunet_mask = load_image(reference)
+    np.testing.assert_allclose(np.asarray(nnunet_mask.affine), np.asarray(image.affine), atol=1e-5)
+    np.testing.assert_array_equal(result.mask.numpy(), nnunet_mask.numpy()[0].astype(np.uint8))
+    assert result.probabilities is not None and result.probabilities.shape == (3, *image.shape[1:])
+    torch.testing.assert_close(result.probabilities.sum(0), torch.ones(image.shape[1:]), atol=1e-4, rtol=0)
+    assert [s.name for s in result.stats] == ["sphere", "box"]
+
+    # The same image stored as NRRD (LPS on disk, read back to the same RAS grid) gives the same mask.
+    nifti = predictor.predict(data / "imagesTr" / f"{case}.nii.gz", tta=False)
+    nrrd = predictor.predict(save_image(image, tmp_path / f"{case}.nrrd"), tta=False)
+    np.testing.assert_array_equal(nrrd.mask.numpy(), nifti.mask.numpy())
+    np.testing.assert_allclose(np.asarray(nrrd.mask.affine), np.asarray(image.affine), atol=1e-6)
+    with pytest.raises(ModelInputError, match="takes 1 channel"):
+        predictor.predict(MetaTensor(torch.cat([image.as_tensor()] * 2), affine=image.affine))
+
+
+def test_nnunet_predict_command_with_medseg_trainer_agrees(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """``nnUNetv2_predict -tr STUNetTrainer_tiny`` (through medseg's wrapper) finds the trainer and gives our mask."""
+    data, work, folder = trained
+    (tmp_path / "in").mkdir()
+    shutil.copy(work / "nnUNet_raw" / "Dataset501_tiny" / "imagesTr" / "case_03_0000.nii.gz", tmp_path / "in")
+    args = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "501", "-c", "3d_fullres", "-f", "0"]
+    args += ["-tr", "STUNetTrainer_tiny", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
+    code = f"from medseg.integrations.nnunet.native import nnunet_predict_main; nnunet_predict_main({args!r})"
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"))
+    env.update(nnUNet_results=str(work / "nnUNet_results"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nnunet_mask = load_image(tmp_path / "out" / "case_03.nii.gz")
+    ours = NnUNetResultsPredictor.from_folder(folder, device="cpu").predict(
+        data / "imagesTr" / "case_03.nii.gz", tta=False
+    )
+    np.testing.assert_array_equal(ours.mask.numpy(), nnunet_mask.numpy()[0].astype(np.uint8))
+
+
+def test_weights_that_do_not_fit_the_plans_are_listed(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, folder = trained
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("validation", "*.png", "*.txt", "checkpoint_best*"))
+    meta = json.loads((copy / "dataset.json").read_text())
+    meta["labels"]["extra"] = 3
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        WeightsError,
+        match=r"10 mis-shaped: seg_outputs\.0\.weight \(3, 64, 1, 1, 1\)≠\(4, 64, 1, 1, 1\).*hint: .*dataset\.json",
+    ):
+        NnUNetResultsPredictor.from_folder(copy)
