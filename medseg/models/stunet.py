@@ -49,14 +49,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
 from medseg.models.card import ModelCard
-from medseg.models.checkpoint import load_state_dict_checked
+from medseg.models.checkpoint import load_state_dict_checked, numpy_safe_globals
 from medseg.models.checks import check_input
 from medseg.models.registry import register_model
 
@@ -321,25 +320,6 @@ _STEM_KEYS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.c
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _numpy_safe_globals() -> list[Any]:
-    """Numpy scalar / array reconstruction, which nnU-Net checkpoints use for their logged losses and metrics."""
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
-    dtype_types = {type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")}
-    # Files pickled under numpy 1 name the functions ``numpy.core.multiarray.*``; register that spelling too.
-    return [
-        scalar,
-        _reconstruct,
-        (scalar, "numpy.core.multiarray.scalar"),
-        (_reconstruct, "numpy.core.multiarray._reconstruct"),
-        np.dtype,
-        np.ndarray,
-        *dtype_types,
-    ]
-
-
 def _read_checkpoint(path: Path, sha256: str | None) -> dict[str, Tensor]:
     if not path.is_file():
         raise WeightsError(
@@ -361,7 +341,7 @@ def _read_checkpoint(path: Path, sha256: str | None) -> dict[str, Tensor]:
                 path=path,
             )
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -38,7 +38,7 @@ from medseg.inference.predictor import Prediction, label_statistics
 from medseg.integrations.nnunet.shim import ensure_nnunet_importable
 from medseg.io import load_image, spacing_from_affine
 from medseg.models import ModelCard
-from medseg.models.checkpoint import load_state_dict_checked
+from medseg.models.checkpoint import load_state_dict_checked, numpy_safe_globals
 
 logger = logging.getLogger(__name__)
 
@@ -262,24 +262,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _numpy_safe_globals() -> list[Any]:
-    # nnU-Net checkpoints log numpy scalars (losses, EMA Dice); allow exactly those on top of tensors.
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
-    dtypes = {type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")}
-    return [
-        scalar,
-        _reconstruct,
-        (scalar, "numpy.core.multiarray.scalar"),
-        (_reconstruct, "numpy.core.multiarray._reconstruct"),
-        np.dtype,
-        np.ndarray,
-        *dtypes,
-    ]
-
-
 def _load_checkpoint(root: Path, fold: int | str, name: str) -> dict[str, Any]:
     fold_dir = root / f"fold_{fold}"
     if not fold_dir.is_dir():
@@ -300,7 +282,7 @@ def _load_checkpoint(root: Path, fold: int | str, name: str) -> dict[str, Any]:
             path=path,
         )
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
