@@ -14,7 +14,7 @@ from rich.progress import track
 
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import DataError
-from medseg.data import load_manifest
+from medseg.data import load_manifest, strip_image_extension
 from medseg.inference import Predictor
 from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
@@ -38,10 +38,9 @@ class PredictedCase:
 def case_name(path: Path) -> str:
     """File or folder name without image extensions (``a.nii.gz`` → ``a``)."""
     name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    if name.lower().endswith(".zip"):
+        return name[: -len(".zip")]
+    return strip_image_extension(name) or name
 
 
 def predict(

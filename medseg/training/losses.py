@@ -20,9 +20,16 @@ LOSSES: Registry[Callable[[], nn.Module]] = Registry("loss")
 
 
 @LOSSES.register("dice_ce")
-def dice_ce() -> nn.Module:
+def dice_ce(lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> nn.Module:
     """MONAI ``DiceCELoss``: soft Dice over foreground labels (batch Dice, as nnU-Net) + cross-entropy."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    return DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        include_background=False,
+        batch=True,
+        lambda_dice=lambda_dice,
+        lambda_ce=lambda_ce,
+    )
 
 
 class DeepSupervisionLoss(nn.Module):

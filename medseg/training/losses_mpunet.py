@@ -29,11 +29,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 from medseg.core.errors import ConfigError
-from medseg.training.losses import LOSSES
+from medseg.training.losses import LOSSES, dice_ce
 
 __all__ = ["MPUNetHybridLoss", "mpunet_hybrid"]
 
@@ -63,14 +62,7 @@ class MPUNetHybridLoss(nn.Module):
         self.aux_weights = tuple(float(w) for w in aux_weights)
         if not self.aux_weights or min(self.aux_weights) < 0:
             raise ConfigError(f"mpunet_hybrid: aux_weights={aux_weights}", expected="non-empty, each >= 0")
-        self.base = DiceCELoss(
-            to_onehot_y=True,
-            softmax=True,
-            include_background=False,
-            batch=True,
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
-        )
+        self.base = dice_ce(lambda_dice=lambda_dice, lambda_ce=lambda_ce)
 
     def weights(self, n_outputs: int) -> list[float]:
         """Un-normalised weights of ``n_outputs`` outputs, main first (e.g. ``[1, 0.5, 0.25, 0.125]`` for 4)."""
