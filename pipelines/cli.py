@@ -61,14 +61,18 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.pt.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    pretrained: Annotated[
+        Path | None,
+        typer.Option("--pretrained", help="Local weights to start from (SAM models: sam_vit_b_01ec64.pth)."),
+    ] = None,
 ) -> None:
-    """Train a model on a dataset folder into a run directory."""
+    """Train a model on a dataset folder into a run directory (prompted SAM models train on box prompts)."""
     from pipelines.train import TrainRequest
     from pipelines.train import train as run_train
 
     if model is None and config is None:
         model = "segformer3d"
-    result = run_train(TrainRequest(data, model, config, epochs, out, resume, not no_progress))
+    result = run_train(TrainRequest(data, model, config, epochs, out, resume, not no_progress, pretrained))
     best = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f} (epoch {result.best_epoch})"
     console.print(
         f"trained {result.epochs} epochs / {result.steps} steps in {result.seconds:.0f} s; best val mean Dice {best}"
@@ -79,18 +83,44 @@ def train(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory written by `medseg train`.")],
-    inputs: Annotated[list[Path], typer.Argument(help="Images: NIfTI, NRRD, MHA, DICOM folder or zip.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Images: NIfTI, NRRD, MHA, DICOM folder or zip, PNG/TIFF/JPEG, 2D DICOM.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="nifti or nrrd.")] = "nifti",
+    fmt: Annotated[str, typer.Option("--format", help="nifti, nrrd or png (2D images).")] = "nifti",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    box: Annotated[
+        list[str] | None,
+        typer.Option("--box", help="Box prompt x0,y0,x1,y1[,z0,z1] (repeat for several objects)."),
+    ] = None,
+    point: Annotated[
+        list[str] | None, typer.Option("--point", help="Point prompt x,y[,z][:label], label 1 (default) or 0.")
+    ] = None,
+    coords: Annotated[
+        str, typer.Option("--coords", help="Prompt coordinates: voxel (indices) or ras (world mm).")
+    ] = "voxel",
 ) -> None:
-    """Segment images; masks land on each input's exact voxel grid."""
+    """Segment images; masks land on each input's exact voxel grid. Prompted models (db_sam, sam_unet_*) need
+    --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans."""
     from pipelines.predict import predict as run_predict
 
-    for case in run_predict(run, inputs, out, tta=tta, fmt=fmt, show_progress=not no_progress):
+    prompts = _cli_prompts(box or [], point or [], coords)
+    for case in run_predict(run, inputs, out, tta=tta, fmt=fmt, show_progress=not no_progress, prompts=prompts):
         vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
         console.print(f"{case.input} → {case.mask}  ({vols})")
+
+
+def _cli_prompts(boxes: list[str], points: list[str], coords: str) -> object | None:
+    """``Prompts`` from ``--box`` / ``--point`` options, or ``None`` when none was given."""
+    if not boxes and not points:
+        return None
+    from medseg.core.errors import ConfigError
+    from medseg.inference.prompts import Prompts
+
+    if coords not in ("voxel", "ras"):
+        raise ConfigError(f"--coords {coords!r} is not known", expected="voxel or ras")
+    return Prompts.from_cli(boxes, points, space=coords)
 
 
 @app.command()

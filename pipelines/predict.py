@@ -10,20 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.progress import track
 
 from medseg.core.atomic import atomic_open
-from medseg.core.errors import DataError
+from medseg.core.errors import DataError, ModelInputError
 from medseg.data import load_manifest, strip_image_extension
+from medseg.data.labels import resolve_label_names
 from medseg.inference import Predictor
+from medseg.inference.prompts import Box, PromptObject, Prompts
 from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
 from medseg.training.metrics import case_metrics, summarize
 from medseg.transforms.io import LoadImage
+from medseg.transforms.sam import box_from_mask, volume_slice
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "png": ".png"}
 
 
 @dataclass(frozen=True)
@@ -50,17 +54,35 @@ def predict(
     *,
     tta: bool | None = None,
     fmt: str = "nifti",
-    predictor: Predictor | None = None,
+    predictor: Any = None,
     show_progress: bool = False,
+    prompts: Prompts | None = None,
 ) -> list[PredictedCase]:
-    """Segment every input; write ``<out>/<case>_seg.<ext>`` and ``<case>_seg.json`` (label statistics)."""
+    """Segment every input; write ``<out>/<case>_seg.<ext>`` and ``<case>_seg.json`` (label statistics).
+
+    ``prompts`` (boxes / points) are required by prompted models and refused by the others.
+    """
     if fmt not in SUFFIXES:
         raise DataError(f"unknown output format {fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
     predictor = predictor or Predictor.from_run_dir(run)
+    needs_prompts = predictor.card.needs_prompts
+    if needs_prompts and prompts is None:
+        raise ModelInputError(
+            f"model {predictor.card.name!r} is prompted: give a box and/or points",
+            expected="--box x0,y0,x1,y1[,z0,z1] and/or --point x,y[,z][:label]",
+            hint="add --coords ras for world (RAS mm) coordinates instead of voxel indices",
+        )
+    if prompts is not None and not needs_prompts:
+        raise ModelInputError(
+            f"model {predictor.card.name!r} does not take prompts", hint="drop --box / --point for this model"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in _track(inputs, "predicting", show_progress):
-        result = predictor.predict(path, tta=tta)
+        if needs_prompts:
+            result = predictor.predict(path, tta=tta, prompts=prompts)
+        else:
+            result = predictor.predict(path, tta=tta)
         mask_path = save_mask(result.mask, result.image, out / f"{case_name(path)}_seg{SUFFIXES[fmt]}")
         stats = result.stats_dict()
         with atomic_open(out / f"{case_name(path)}_seg.json") as fh:
@@ -81,19 +103,53 @@ def evaluate(
         raise DataError(f"dataset {data} has no labelled case to evaluate", hint="evaluate needs labels")
     names = predictor.label_names
     per_case = {}
+    prompted = predictor.card.needs_prompts
+    if prompted:  # one box per label and slice from the reference: scored against the dataset's own labels
+        names = resolve_label_names(manifest)
     for case in _track(labelled, "evaluating", show_progress):
-        result = predictor.predict(LoadImage()(list(case.images)))
+        image = LoadImage()(list(case.images))
         label = np.asarray(load_image(case.label))[0]
-        if label.shape != tuple(result.mask.shape):
-            raise DataError(f"label {case.label} has shape {label.shape}, image {tuple(result.mask.shape)}")
-        spacing = spacing_from_affine(np.asarray(result.image.affine))
-        per_case[case.case_id] = case_metrics(result.mask, label.astype(np.int64), names, spacing)
+        if label.shape != tuple(image.shape[1:]):
+            raise DataError(f"label {case.label} has shape {label.shape}, image {tuple(image.shape[1:])}")
+        if prompted:
+            mask = _predict_with_label_boxes(predictor, image, label.astype(np.int64))
+        else:
+            mask = predictor.predict(image).mask
+        spacing = spacing_from_affine(np.asarray(image.affine))
+        per_case[case.case_id] = case_metrics(mask, label.astype(np.int64), names, spacing)
     report = {"run": str(run), "data": str(data), "cases": per_case, **summarize(per_case)}
     target = out or Path(run) / "evaluation" / f"{Path(data).name}.json"
     with atomic_open(target) as fh:
         json.dump(report, fh, indent=2)
     report["path"] = str(target)
     return report
+
+
+def _predict_with_label_boxes(predictor: Any, image: Any, label: np.ndarray) -> np.ndarray:
+    """A prompted model's label map from one box per (label value, slice) taken from the reference (as the SAM papers
+    evaluate): the box of the label's largest connected component on that slice."""
+    objects, values = [], []
+    for v in (int(u) for u in np.unique(label) if u > 0):
+        for z in np.flatnonzero((label == v).any(axis=(0, 1))):
+            box = box_from_mask(volume_slice(torch.from_numpy(label[None] == v), int(z))[0])
+            if box is None:
+                continue
+            (x0, x1), (y0, y1) = _widen(box[0], box[2], label.shape[0]), _widen(box[1], box[3], label.shape[1])
+            objects.append(PromptObject(box=Box((x0, y0, z), (x1, y1, z)), points=(), name=None))
+            values.append(v)
+    mask = np.zeros(label.shape, np.int64)
+    if not objects:
+        return mask
+    result = predictor.predict(image, prompts=Prompts(tuple(objects), "voxel"))
+    lookup = np.array([0, *values], dtype=np.int64)
+    return lookup[np.asarray(result.mask, dtype=np.int64)]
+
+
+def _widen(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """A box side of one voxel (lo == hi) widened to two, inside ``[0, size - 1]``."""
+    if hi > lo:
+        return lo, hi
+    return (lo, lo + 1) if lo + 1 < size else (lo - 1, lo)
 
 
 def _track(items: list, description: str, enabled: bool) -> Iterable:

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monai.utils import set_determinism
+from torch import nn
 
 from medseg.core.atomic import atomic_open
 from medseg.core.config import ExperimentConfig, load_config
 from medseg.core.errors import ConfigError, DataError
-from medseg.data import load_manifest, split_cases, verify_dataset
+from medseg.data import Manifest, load_manifest, split_cases, verify_dataset
 from medseg.data.labels import resolve_label_names
 from medseg.models import create_model, get_card
 from medseg.training import RunDir, Trainer, TrainResult
+from medseg.training.prompted import PromptTrainer
 from pipelines.progress import StepProgress, log_to_file
 
 logger = logging.getLogger(__name__)
@@ -31,12 +33,19 @@ class TrainRequest:
     out: Path | None = None
     resume: bool = False
     show_progress: bool = True
+    pretrained: Path | None = None
 
 
 def resolve_config(req: TrainRequest) -> ExperimentConfig:
     """Config file (or defaults) + command-line options."""
     cfg = load_config(req.config) if req.config else ExperimentConfig()
-    cfg = cfg.updated({"data": {"root": str(req.data)}, "model": {"name": req.model}, "train": {"epochs": req.epochs}})
+    cfg = cfg.updated(
+        {
+            "data": {"root": str(req.data)},
+            "model": {"name": req.model, "pretrained": str(req.pretrained) if req.pretrained else None},
+            "train": {"epochs": req.epochs},
+        }
+    )
     get_card(cfg.model.name)  # unknown model names fail here, with a suggestion
     return cfg
 
@@ -70,6 +79,8 @@ def train(req: TrainRequest) -> TrainResult:
         )
     label_names = resolve_label_names(manifest)
     card = get_card(cfg.model.name)
+    if card.needs_prompts:
+        return _train_prompted(req, cfg, manifest, run_dir, label_names)
     roi = tuple(cfg.model.roi_size or card.roi_size)
     bad_axes = [i for i, (r, d) in enumerate(zip(roi, card.divisible_by, strict=False)) if r % d]
     if bad_axes:
@@ -90,6 +101,7 @@ def train(req: TrainRequest) -> TrainResult:
     run_dir.root.mkdir(parents=True, exist_ok=True)
     with log_to_file(run_dir.log):
         if not req.resume:
+            load_pretrained(model, cfg)
             with atomic_open(run_dir.config) as fh:
                 fh.write(cfg.to_yaml())
             run_dir.write_json(run_dir.card, model.card.to_dict())
@@ -110,6 +122,70 @@ def train(req: TrainRequest) -> TrainResult:
                 [c.as_dict() for c in train_cases],
                 [c.as_dict() for c in val_cases],
                 run_dir.root,
+                progress=progress.update,
+            )
+            if req.resume:
+                trainer.resume()
+            result = trainer.fit()
+    return result
+
+
+def load_pretrained(model: nn.Module, cfg: ExperimentConfig) -> None:
+    """Map ``model.pretrained`` (a local weights file) onto the network with the model's own loader."""
+    path = cfg.model.pretrained
+    if path is None:
+        return
+    loader = getattr(model, "load_pretrained", None)
+    if loader is None:
+        raise ConfigError(
+            f"model {cfg.model.name!r} has no loader for pretrained weights ({path})",
+            hint="drop --pretrained; the SAM models (db_sam, sam_unet_r50, sam_unet_r34) load sam_vit_b_01ec64.pth",
+        )
+    loader(Path(path), sha256=cfg.model.pretrained_sha256)
+    logger.info("loaded pretrained weights from %s", path)
+
+
+def _train_prompted(
+    req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest, run_dir: RunDir, label_names: tuple[str, ...]
+) -> TrainResult:
+    """Promptable 2D models: one logit per box prompt, trained on (slice, label) prompts of every labelled case."""
+    if not [c for c in manifest.cases if c.label is not None]:
+        raise DataError(f"dataset {manifest.root} has no labelled case", hint="prompted training needs masks")
+    if manifest.num_channels not in (1, 3):
+        raise ConfigError(
+            f"model {cfg.model.name!r} takes grey (1 channel) or RGB (3 channel) images; dataset {manifest.root} has "
+            f"{manifest.num_channels} channels {list(manifest.channel_names)}",
+            hint="train a prompted model on one channel (e.g. a dataset with only the T1 images)",
+        )
+    set_determinism(seed=cfg.train.seed)
+    model = create_model(cfg.model.name, **cfg.model.kwargs)
+    cfg = cfg.updated({"model": {"roi_size": list(model.card.roi_size)}})
+    train_cases, val_cases = split_cases(manifest.cases, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    with log_to_file(run_dir.log):
+        if not req.resume:
+            load_pretrained(model, cfg)
+            with atomic_open(run_dir.config) as fh:
+                fh.write(cfg.to_yaml())
+            run_dir.write_json(run_dir.card, model.card.to_dict())
+        logger.info(
+            "training %s (box prompts) on %s: %d training / %d validation cases, labels %s, input %s, run dir %s",
+            cfg.model.name,
+            manifest.root,
+            len(train_cases),
+            len(val_cases),
+            label_names,
+            model.card.roi_size,
+            run_dir.root,
+        )
+        with StepProgress("training", enabled=req.show_progress) as progress:
+            trainer = PromptTrainer(
+                cfg,
+                model,
+                [c.as_dict() for c in train_cases],
+                [c.as_dict() for c in val_cases],
+                run_dir.root,
+                label_names=label_names,
                 progress=progress.update,
             )
             if req.resume:

@@ -45,6 +45,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from medseg.core.atomic import atomic_open
 from server.errors import ApiError
 from server.results import OUTPUTS
 from server.schemas import JobState, OutputFormat
@@ -54,6 +55,7 @@ logger = logging.getLogger("server")
 
 ACTIVE = (JobState.queued.value, JobState.running.value)
 RESTART_REASON = "server restarted during the job"
+PROMPTS_FILE = "prompts.json"
 #: How long a fresh worker may take to import torch and report ready.
 WORKER_START_TIMEOUT_S = 300.0
 _POLL_S = 0.1
@@ -254,7 +256,14 @@ def _run_task(task: dict[str, Any], cache: dict[str, Any], conn: Connection) -> 
     source = Path(task["input_path"])
     image = load_image(source)
     conn.send(("progress", job_id, 0.4))
-    prediction = model.predict(image, tta=task["tta"])
+    prompts_file = source.parent / PROMPTS_FILE
+    if prompts_file.is_file():
+        from medseg.inference.prompts import Prompts
+
+        prompts = Prompts.from_json(json.loads(prompts_file.read_text()))
+        prediction = model.predict(image, tta=task["tta"], prompts=prompts)
+    else:
+        prediction = model.predict(image, tta=task["tta"])
     conn.send(("progress", job_id, 0.9))
     path = write_result(
         prediction,
@@ -401,6 +410,7 @@ class JobManager:
         *,
         model_dir: Path | None = None,
         stem: str = "image",
+        prompts: dict[str, Any] | None = None,
     ) -> str:
         """Queue a job; takes ownership of ``input_path`` (moved into the job folder). Returns the job id.
 
@@ -411,6 +421,7 @@ class JobManager:
             tta: flip TTA override (None: the run's setting).
             model_dir: the model's folder (default ``settings.models_dir / model_name``).
             stem: base of the result's download name.
+            prompts: JSON form of the prompts of a prompted model (kept beside the input as ``prompts.json``).
 
         Raises:
             ApiError: 503 + ``Retry-After`` when ``max_queue`` jobs are queued or running.
@@ -423,6 +434,9 @@ class JobManager:
         suffix = "" if src.is_dir() else ".nii.gz" if src.name.lower().endswith(".nii.gz") else src.suffix
         target = folder / f"input{suffix}"
         shutil.move(str(src), target)
+        if prompts is not None:
+            with atomic_open(folder / PROMPTS_FILE) as fh:
+                json.dump(prompts, fh)
         job = Job(
             id=job_id,
             model=model_name,

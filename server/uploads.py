@@ -32,7 +32,20 @@ from server.settings import Settings
 logger = logging.getLogger("server")
 
 #: Upload suffixes the REST API accepts (a zip holds one DICOM series).
-ACCEPTED_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
+ACCEPTED_SUFFIXES: tuple[str, ...] = (
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".mha",
+    ".zip",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".dcm",
+)
+_RASTER = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _CHUNK = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -52,7 +65,7 @@ def upload_suffix(filename: str) -> str:
         415,
         "UnsupportedMediaType",
         f"cannot read an upload named {filename!r}" if filename else "the upload has no file name",
-        hint=f"send one of {', '.join(ACCEPTED_SUFFIXES)} (a .zip holding one DICOM series)",
+        hint=f"send one of {', '.join(ACCEPTED_SUFFIXES)} (a .zip holding one DICOM series, a .dcm one 2D image)",
     )
 
 
@@ -146,7 +159,17 @@ def _header_voxels(path: Path, suffix: str) -> int | None:
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             return math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
+        if suffix in _RASTER:
+            from PIL import Image
+
+            with Image.open(path) as im:  # reads the header only
+                return im.width * im.height * len(im.getbands()) * getattr(im, "n_frames", 1)
         import pydicom
+
+        if suffix == ".dcm":
+            head = pydicom.dcmread(path, stop_before_pixels=True)
+            frames = int(getattr(head, "NumberOfFrames", 1) or 1)
+            return int(head.Rows) * int(head.Columns) * int(getattr(head, "SamplesPerPixel", 1)) * frames
 
         from medseg.io.dicom import sorted_series_files
 

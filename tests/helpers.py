@@ -73,3 +73,41 @@ def tiny_config(path: Path, epochs: int = 2, model: str = "segformer3d", **train
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def write_shapes_dataset_2d(root: Path, n: int = 6, shape: tuple[int, int] = (40, 52), seed: int = 0) -> Path:
+    """A 2D paired dataset (``images/*.png`` + ``masks/*.png``): a bright disc (label 1) and a grey square (label 2).
+
+    PNG arrays are ``(rows, cols)`` = ``shape``; ``dataset.json`` names the labels ``disc`` and ``square``.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    for i in range(n):
+        label = np.zeros(shape, np.uint8)
+        r0, c0 = rng.integers(4, 10, 2)
+        label[r0 : r0 + 10, c0 : c0 + 10] = 2
+        cr, cc = shape[0] * 0.6 + rng.uniform(-3, 3), shape[1] * 0.6 + rng.uniform(-3, 3)
+        label[(rows - cr) ** 2 + (cols - cc) ** 2 < rng.uniform(5, 8) ** 2] = 1
+        image = rng.normal(40, 8, shape) + 150.0 * (label == 1) + 80.0 * (label == 2)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"img_{i:02d}.png")
+        Image.fromarray(label).save(root / "masks" / f"img_{i:02d}.png")
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "shapes", "labels": {"0": "background", "1": "disc", "2": "square"}, "modality": "US"})
+    )
+    return root
+
+
+def prompted_config(path: Path, model: str = "sam_unet_r34", epochs: int = 1, **train: object) -> Path:
+    """A YAML config training the tiny variant of a prompted model for a few steps."""
+    cfg = {
+        "name": "tiny_prompted",
+        "data": {"val_fraction": 0.34},
+        "model": {"name": model, "kwargs": tiny_overrides(model)},
+        "train": {"epochs": epochs, "iters_per_epoch": 3, "batch_size": 2, "warmup_iters": 1, "lr": 3e-4, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path

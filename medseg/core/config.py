@@ -48,11 +48,22 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Network choice: a registry name and builder keyword arguments (``kwargs``)."""
+    """Network choice: a registry name and builder keyword arguments (``kwargs``).
+
+    Attributes:
+        name: registry name (``medseg models`` lists them).
+        roi_size: training patch / sliding-window size; ``None`` takes the card's.
+        kwargs: builder keyword arguments.
+        pretrained: a local weights file the model's own loader maps onto the network before training (e.g. the
+            official SAM ViT-B checkpoint ``sam_vit_b_01ec64.pth`` for ``db_sam`` / ``sam_unet_*``).
+        pretrained_sha256: optional SHA-256 of ``pretrained``, checked before loading.
+    """
 
     name: str = "segformer3d"
     roi_size: tuple[int, ...] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: Path | None = None
+    pretrained_sha256: str | None = None
 
 
 class TrainConfig(_Section):
@@ -67,8 +78,10 @@ class TrainConfig(_Section):
         fg_ratio: share of patches centred on foreground (nnU-Net oversamples 1/3).
         val_every: validate every this many epochs (and after the last).
         amp: mixed precision on CUDA (ignored on CPU, where bf16 is slow on many machines).
-        loss: a name from the loss registry (``dice_ce``, ``mpunet_hybrid``); lists of outputs (deep supervision)
-            get nnU-Net's halving weights unless the loss weights them itself.
+        loss: a name from the loss registry (``dice_ce``, ``mpunet_hybrid``, ``sam_dice_ce``, ``sam_focal_dice``);
+            ``None`` takes the model's own paper loss (``dice_ce`` for models that name none). Lists of outputs
+            (deep supervision) get nnU-Net's halving weights unless the loss weights them itself.
+        max_val_slices: prompted 2D models validate on at most this many (slice, label) prompts.
     """
 
     epochs: int = Field(50, ge=1)
@@ -84,7 +97,8 @@ class TrainConfig(_Section):
     val_every: int = Field(5, ge=1)
     num_workers: int = Field(0, ge=0)
     amp: bool = True
-    loss: str = "dice_ce"
+    loss: str | None = None
+    max_val_slices: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

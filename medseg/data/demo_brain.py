@@ -176,3 +176,44 @@ def write_demo_dataset(root: Path, n_train: int = 10, n_heldout: int = 2, seed: 
         json.dumps({"name": "MNI152 brain tissue, held out", "labels": meta["labels"], "modality": {"0": "MRI"}})
     )
     return train_root, heldout_root
+
+
+def write_slice_dataset(
+    root: Path, n_train: int = 8, n_heldout: int = 2, slices: int = 12, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write a 2D brain-tissue task: axial slices of deformed MNI subjects as 8-bit PNG images and label masks.
+
+    Slices are spread evenly over the middle 60 % of each subject's brain extent along its third axis. Intensities are
+    scaled per subject to 0-255 at the 99.5th percentile (how a 2D export of an MRI looks). Both folders follow the
+    2D paired layout (``images/`` + ``masks/`` + ``dataset.json``); the PNG rows run along the volume's second axis.
+
+    Returns:
+        ``(train_root, heldout_root)``.
+    """
+    from PIL import Image
+
+    template = BrainTemplate()
+    rng = np.random.default_rng(seed)
+    roots = (root / "slices_train", root / "slices_heldout")
+    meta = {
+        "name": "MNI152 brain tissue, axial slices",
+        "labels": {str(i): n for i, n in enumerate(LABEL_NAMES)},
+        "modality": "MRI",
+    }
+    for r in roots:
+        for sub in ("images", "masks"):
+            (r / sub).mkdir(parents=True, exist_ok=True)
+        (r / "dataset.json").write_text(json.dumps(meta, indent=2))
+    for i in range(n_train + n_heldout):
+        image, label, _ = template.subject(rng)
+        target = roots[0] if i < n_train else roots[1]
+        z_with_brain = np.flatnonzero(label.any(axis=(0, 1)))
+        lo, hi = np.percentile(z_with_brain, [20, 80])
+        top = float(np.percentile(image[label > 0], 99.5))
+        scaled = np.clip(image / top * 255.0, 0, 255).round().astype(np.uint8)
+        for z in np.linspace(lo, hi, slices).round().astype(int):
+            case = f"brain_{i:03d}_z{z:03d}"
+            Image.fromarray(np.ascontiguousarray(scaled[:, :, z].T)).save(target / "images" / f"{case}.png")
+            Image.fromarray(np.ascontiguousarray(label[:, :, z].T)).save(target / "masks" / f"{case}.png")
+        logger.info("wrote %d slices of subject %d", slices, i)
+    return roots

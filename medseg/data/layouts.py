@@ -8,12 +8,21 @@ Three layouts are understood, tried in this order:
 * **MSD** (Medical Segmentation Decathlon, also nnU-Net v1): ``dataset.json`` with ``training`` (image/label pairs),
   ``test``, ``modality`` (index → channel name) and ``labels`` (value → name). A multi-channel MSD image is one 4D
   file, so its :class:`Case` has one image path and the channels come from ``modality``.
-* **paired**: ``images/`` and ``labels/`` whose files share a case id (the file name without its extension). When
-  every image name ends in ``_XXXX`` and no label is named like the full image name, the suffix is a channel index
-  (``ct_01_0000``, ``ct_01_0001`` → case ``ct_01`` with two channels). An optional ``dataset.yaml`` (or
-  ``dataset.json``) may give ``labels``, ``modality`` / ``channel_names`` and ``name``. Without it ``label_names`` is
-  ``()``: the label set is not guessed from file names but inferred later from the label files (``verify_dataset``
-  then only checks that values are non-negative integers). Images without a label become test cases.
+* **paired**: ``images/`` and ``labels/`` (or ``masks/``, never both) whose files share a case id (the file name
+  without its extension); images and labels may be in any format :func:`medseg.io.load_image` reads, and the
+  manifest's ``file_ending`` is the most common image extension. When every image name ends in ``_XXXX`` and no
+  label is named like the full image name, the suffix is a channel index (``ct_01_0000``, ``ct_01_0001`` → case
+  ``ct_01`` with two channels). An optional ``dataset.yaml`` (or ``dataset.json``) may give ``labels``,
+  ``modality`` / ``channel_names`` and ``name``. Without it ``label_names`` is ``()``: the label set is not guessed
+  from file names but inferred later from the label files (``verify_dataset`` then only checks that values are
+  non-negative integers). Images without a label become test cases.
+
+  The **2D layout** is a paired folder of 2D images (as in ISIC, BUSI or Kvasir-SEG): ``images/`` + ``masks/`` (or
+  ``labels/``) of PNG, TIFF, JPEG, BMP or single-file DICOM images sharing case ids, each mask one channel of label
+  values (0 = background, 1, 2, ...), and an optional ``dataset.yaml`` such as
+  ``{name: busi, labels: {0: background, 1: lesion}, modality: ultrasound}``. When the channels are not declared,
+  the first image's header gives their number: a colour image has channels ``("red", "green", "blue")``, a grey one
+  the declared modality (or ``channel_0``).
 
 :func:`load_manifest` raises :class:`DataError` only when the layout itself cannot be understood (no layout, bad
 JSON, missing keys, nnU-Net channel files missing). Files that an understood layout names but that are absent, such
@@ -44,13 +53,16 @@ from medseg.data.manifest import (
     require_key,
     strip_image_extension,
 )
+from medseg.io.raster import DICOM_SUFFIXES, RASTER_SUFFIXES, raster_channels
 
 logger = logging.getLogger(__name__)
 
 EXPECTED_LAYOUTS = (
     "one of: MSD (dataset.json + imagesTr/labelsTr), nnU-Net raw (DatasetXXX_Name with dataset.json "
-    "channel_names/labels), paired (images/ + labels/)"
+    "channel_names/labels), paired (images/ + labels/) or 2D paired (images/ + masks/)"
 )
+LABEL_FOLDERS = ("labels", "masks")
+RGB_CHANNELS = ("red", "green", "blue")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _NNUNET_DIR_RE = re.compile(r"^Dataset\d{3}_.+$")
 
@@ -71,18 +83,21 @@ def detect_layout(root: str | Path) -> LayoutName:
         return "msd"
     if _NNUNET_DIR_RE.match(root.name) and (root / "imagesTr").is_dir():
         return "nnunet"
-    if (root / "images").is_dir() and (root / "labels").is_dir():
+    if (root / "images").is_dir() and _paired_label_dir(root) is not None:
         return "paired"
     found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:8])
     what = f"{root} follows no known dataset layout (it holds: {found})"
     if meta is not None:
         what = f"{meta_path} has neither 'channel_names' (nnU-Net) nor 'training' (MSD)"
-        what += f", and {root} has no images/ + labels/"
+        what += f", and {root} has no images/ + labels/ (or masks/)"
     raise DataError(what, expected=EXPECTED_LAYOUTS, hint=_subfolder_hint(root), path=root)
 
 
 def load_manifest(root: str | Path) -> Manifest:
-    """Detect the layout of ``root`` and read it into a :class:`Manifest` (paths only, no image is read).
+    """Detect the layout of ``root`` and read it into a :class:`Manifest`.
+
+    Only paths are read, except in a paired folder of 2D images without declared channels, where the first image's
+    header gives the channel count.
 
     Args:
         root: the dataset folder.
@@ -202,9 +217,37 @@ def _load_nnunet(root: Path) -> Manifest:
     )
 
 
+def _paired_label_dir(root: Path) -> Path | None:
+    """The label folder of a paired layout, ``labels/`` or ``masks/``; None when there is none.
+
+    Raises:
+        DataError: both exist, so which one holds the labels is ambiguous.
+    """
+    found = [root / name for name in LABEL_FOLDERS if (root / name).is_dir()]
+    if len(found) > 1:
+        raise DataError(
+            f"{root} has both labels/ and masks/ next to images/",
+            expected="one folder of label files (labels/ or masks/)",
+            hint="keep the label files in one of them and move the other folder away",
+            path=root,
+        )
+    return found[0] if found else None
+
+
+def _paired_channel_count(image: Path) -> int | None:
+    """Channels of a 2D image from its header (None for volumes and unreadable files, left to verify_dataset)."""
+    if not (image.name.lower().endswith(RASTER_SUFFIXES) or image.name.lower().endswith(DICOM_SUFFIXES)):
+        return None
+    try:
+        return raster_channels(image)
+    except DataError as err:
+        logger.debug("cannot read the channel count of %s: %s", image, err)
+        return None
+
+
 def _load_paired(root: Path) -> Manifest:
     meta, meta_path = read_meta_file(root)
-    images_dir, labels_dir = root / "images", root / "labels"
+    images_dir, labels_dir = root / "images", _paired_label_dir(root) or root / "labels"
     image_files, label_files = _image_files(images_dir), _image_files(labels_dir)
     if not image_files:
         raise DataError(
@@ -239,8 +282,14 @@ def _load_paired(root: Path) -> Manifest:
         channel_names = parse_channel_names(raw_channels, meta_path or root, "channel_names")
     else:
         n = max(len(paths) for paths in groups.values())
-        single = (declared_modality,) if declared_modality and n == 1 else None
-        channel_names = single or tuple(f"channel_{i}" for i in range(n))
+        first = next(iter(groups.values()))[0]
+        per_file = _paired_channel_count(first) if n == 1 else None
+        if per_file == 3:
+            channel_names = RGB_CHANNELS
+        else:
+            n = per_file or n
+            single = (declared_modality,) if declared_modality and n == 1 else None
+            channel_names = single or tuple(f"channel_{i}" for i in range(n))
     modality = infer_modality(channel_names)
     if declared_modality:
         inferred = infer_modality([declared_modality])
@@ -264,7 +313,7 @@ def _load_paired(root: Path) -> Manifest:
 
 
 def _check_root(root: Path) -> Path:
-    hint = "pass the folder that holds dataset.json, or images/ and labels/"
+    hint = "pass the folder that holds dataset.json, or images/ and labels/ (or masks/)"
     if not root.exists():
         raise DataError(f"dataset folder {root} does not exist", expected=EXPECTED_LAYOUTS, hint=hint, path=root)
     if not root.is_dir():
@@ -278,7 +327,11 @@ def _subfolder_hint(root: Path) -> str:
     candidates = [
         p.name
         for p in sorted(root.iterdir())
-        if p.is_dir() and ((p / "dataset.json").is_file() or ((p / "images").is_dir() and (p / "labels").is_dir()))
+        if p.is_dir()
+        and (
+            (p / "dataset.json").is_file()
+            or ((p / "images").is_dir() and any((p / name).is_dir() for name in LABEL_FOLDERS))
+        )
     ]
     if candidates:
         return f"did you mean the subfolder {', '.join(repr(c) for c in candidates[:3])}?"

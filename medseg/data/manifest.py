@@ -1,9 +1,9 @@
 """The dataset manifest: which files make up each case, and what the channels and labels mean.
 
 A :class:`Manifest` is the one description of a dataset that the rest of medseg reads, whatever layout the folder
-had on disk (MSD, nnU-Net raw, paired folders). It holds paths only; no image is read to build it. This module also
-holds the readers of dataset metadata (dataset.json / dataset.yaml, label and channel mappings, file extensions)
-that the layouts in :mod:`medseg.data.layouts` share.
+had on disk (MSD, nnU-Net raw, paired folders of 3D volumes or 2D images). It holds paths only; no image is read to
+build it. This module also holds the readers of dataset metadata (dataset.json / dataset.yaml, label and channel
+mappings, file extensions) that the layouts in :mod:`medseg.data.layouts` share.
 """
 
 from __future__ import annotations
@@ -22,7 +22,22 @@ from medseg.core.keys import CASE_ID, IMAGE, LABEL
 
 LayoutName = Literal["msd", "nnunet", "paired"]
 LAYOUTS: tuple[str, ...] = ("msd", "nnunet", "paired")
-IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Image file extensions of dataset folders: volumes, then 2D images (PNG, JPEG, TIFF, BMP, single DICOM files).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".dcm",
+)
 META_FILES: tuple[str, ...] = ("dataset.yaml", "dataset.yml", "dataset.json")
 _LABELS_EXPECTED = '{"background": 0, "liver": 1} (nnU-Net) or {"0": "background", "1": "liver"} (MSD)'
 _CT_TOKENS = {"CT", "CTA", "CECT", "NCCT"}
@@ -154,7 +169,7 @@ def _opt_str(path: Path | None) -> str | None:
 
 
 def strip_image_extension(name: str) -> str | None:
-    """Return ``name`` without a known image extension (``.nii.gz``, ``.nrrd``, ``.mha`` ...), else ``None``."""
+    """Return ``name`` without a known image extension (``.nii.gz``, ``.nrrd``, ``.png`` ...), else ``None``."""
     ending = image_extension(name)
     return None if ending is None else name[: -len(ending)]
 

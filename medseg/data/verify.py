@@ -3,6 +3,12 @@
 :func:`verify_dataset` reads each image and label through :mod:`medseg.io` and never stops at the first fault, so a
 user fixes a broken dataset in one pass instead of one training crash at a time. Full images are read (not only
 headers) because label values can only be checked on the voxels; one case is in memory at a time.
+
+2D cases (PNG, JPEG, TIFF, BMP or single-file DICOM images, read as one-slice volumes ``(C, X, Y, 1)``) get the same
+checks, except that a PNG/TIFF mask of a DICOM image, which holds a pixel grid without patient geometry, is compared
+by shape only. A mask must hold label values: nothing is remapped, and the messages name the usual 2D mistakes - a
+mask that stores 255 for foreground, a colour (RGB/RGBA) mask, a JPEG mask whose values compression has altered,
+and an image and mask declaring different pixel sizes.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ PROBLEM_KINDS: tuple[str, ...] = get_args(ProblemKind)
 AFFINE_ATOL_MM = 1e-3
 CHANNEL_AFFINE_ATOL_MM = 1e-4  # the tolerance medseg.io.load_channels applies when stacking channel files
 DATASET_CASE_ID = "(dataset)"
+HINT_255 = "the mask stores 255 for foreground; save label values (0, 1, ...) instead"
+_2D_FORMATS = ("raster", "dicom")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ def verify_dataset(manifest: Manifest, *, progress: Callable[[int, int], None] |
     channels as ``manifest.channel_names``; the label has one channel, the image's spatial shape and affine (to
     1e-3 mm), and only integer values declared in ``manifest.label_names`` (only non-negative integers when the
     manifest declares no label names); the channel files of a case share one grid. Test cases get the image checks.
+    2D cases are one-slice volumes checked the same way (see the module docstring for PNG/TIFF masks of DICOM images).
 
     Args:
         manifest: the dataset, from :func:`medseg.data.load_manifest`.
@@ -109,6 +118,7 @@ class _Grid:
     channels: int
     shape: tuple[int, ...]
     affine: torch.Tensor
+    source_format: str = ""
 
 
 def _check_case(case: Case, manifest: Manifest, labelled: bool) -> list[Problem]:
@@ -179,11 +189,16 @@ def _image_grid(case: Case, problems: list[Problem]) -> _Grid | None:
                     f"(tolerance {CHANNEL_AFFINE_ATOL_MM} mm, as medseg.io.load_channels requires)",
                 )
             )
-    return _Grid(sum(g.channels for _, g in grids), first.shape, first.affine)
+    return _Grid(sum(g.channels for _, g in grids), first.shape, first.affine, first.source_format)
 
 
 def _grid_of(image: Any) -> _Grid:
-    return _Grid(int(image.shape[0]), tuple(int(n) for n in image.shape[1:]), _affine_of(image))
+    return _Grid(int(image.shape[0]), tuple(int(n) for n in image.shape[1:]), _affine_of(image), _source_format(image))
+
+
+def _source_format(image: Any) -> str:
+    meta = getattr(image, "meta", None)
+    return str(meta.get("source_format", "")) if isinstance(meta, dict) else ""
 
 
 def _affine_of(image: Any) -> torch.Tensor:
@@ -209,8 +224,17 @@ def _check_label(
     case_id: str, path: Path, label: Any, image: _Grid | None, label_names: tuple[str, ...]
 ) -> list[Problem]:
     problems: list[Problem] = []
-    if label.shape[0] != 1:
-        problems.append(Problem(case_id, path, "label_channels", f"label has {label.shape[0]} channels, expected 1"))
+    channels = int(label.shape[0])
+    if channels != 1:
+        message = f"label has {channels} channels, expected 1"
+        if _source_format(label) in _2D_FORMATS and channels in (3, 4):
+            message = (
+                f"label is a colour (RGB/RGBA) image with {channels} channels; a mask must be one channel of label "
+                "values: save it as a greyscale image whose pixel values are the labels (0, 1, ...)"
+            )
+            if bool(torch.all(label[1:3] == label[:1])):
+                message += " (its colour channels are identical: keep one of them)"
+        problems.append(Problem(case_id, path, "label_channels", message))
     if image is not None:
         shape = tuple(int(n) for n in label.shape[1:])
         if shape != image.shape:
@@ -219,18 +243,21 @@ def _check_label(
                     case_id, path, "shape_mismatch", f"label spatial shape {shape} differs from image {image.shape}"
                 )
             )
-        diff = _max_diff(_affine_of(label), image.affine)
+        # A PNG/TIFF mask of a DICOM image is a pixel grid without patient geometry: only its shape can be checked.
+        pixel_grid_only = _source_format(label) == "raster" and image.source_format not in ("raster", "")
+        diff = 0.0 if pixel_grid_only else _max_diff(_affine_of(label), image.affine)
         if not diff <= AFFINE_ATOL_MM:
-            problems.append(
-                Problem(
-                    case_id,
-                    path,
-                    "affine_mismatch",
-                    f"label affine differs from the image's by up to {diff:.4g} mm (tolerance {AFFINE_ATOL_MM} mm)",
+            message = f"label affine differs from the image's by up to {diff:.4g} mm (tolerance {AFFINE_ATOL_MM} mm)"
+            if _source_format(label) == "raster" or image.source_format == "raster":
+                message += (
+                    "; the image and mask files declare different pixel sizes (PNG pHYs / TIFF resolution, 1 mm when"
+                    " none is declared): save both with the same resolution, or none"
                 )
-            )
+            problems.append(Problem(case_id, path, "affine_mismatch", message))
     message = _label_value_fault(torch.as_tensor(label), label_names)
     if message:
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            message += "; JPEG compression alters mask values: store masks as PNG"
         problems.append(Problem(case_id, path, "label_values", message))
     return problems
 
@@ -251,5 +278,8 @@ def _label_value_fault(label: torch.Tensor, label_names: tuple[str, ...]) -> str
         expected = "non-negative integers"
     if bad.numel():
         shown = ", ".join(str(int(v)) for v in bad[:10].tolist())
-        return f"label has values {shown} outside the {expected}"
+        message = f"label has values {shown} outside the {expected}"
+        if bad.tolist() == [255.0] and all(v in (0.0, 255.0) for v in values.tolist()):
+            message += f"; hint: {HINT_255}"
+        return message
     return None

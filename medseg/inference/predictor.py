@@ -109,13 +109,19 @@ class Predictor:
         return self.card.label_names
 
     @classmethod
-    def from_run_dir(cls, run: str | Path, checkpoint: str = "best", device: str = "auto") -> Predictor:
+    def from_run_dir(cls, run: str | Path, checkpoint: str = "best", device: str = "auto") -> Any:
         """Rebuild model, preprocessing and window settings from a run directory (``config.yaml`` + checkpoint).
+
+        A model whose card ``needs_prompts`` (DB-SAM, SAM-UNet) gets a
+        :class:`~medseg.inference.prompted.PromptPredictor` instead, whose ``predict`` takes ``prompts=``.
 
         Args:
             run: a run directory written by ``medseg train``.
             checkpoint: ``best`` or ``last``.
             device: ``auto``, ``cpu`` or ``cuda``.
+
+        Returns:
+            A :class:`Predictor`, or a :class:`~medseg.inference.prompted.PromptPredictor` for promptable models.
         """
         rd = RunDir(Path(run))
         if not rd.root.is_dir():
@@ -139,6 +145,10 @@ class Predictor:
             **ckpt["model_kwargs"],
         )
         load_state_dict_checked(model, ckpt["model"], source=str(rd.root))
+        if card.needs_prompts:
+            from medseg.inference.prompted import PromptPredictor
+
+            return PromptPredictor(model, config, device=device)
         return cls(model, config, device=device)
 
     @staticmethod

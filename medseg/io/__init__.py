@@ -4,9 +4,12 @@ Public API::
 
     load_image(path, *, series_uid=None, zip_limits=None) -> MetaTensor (C, X, Y, Z), RAS affine
     load_channels(paths) -> MetaTensor (C, X, Y, Z)
-    save_mask(mask, reference, path) -> Path
+    save_mask(mask, reference, path) -> Path            (.png/.tif/.tiff for one-slice masks)
     save_image(image, path) -> Path
     same_geometry(a, b, atol=1e-4) -> bool
+    read_raster(path) -> MetaTensor (C, X, Y, 1)        PNG/JPEG/TIFF/BMP, X = column, Y = row
+    read_dicom_image(path) -> MetaTensor (C, X, Y, 1)   one single-frame .dcm file
+    write_raster(mask, path, *, spacing=None) -> Path   2D label map as PNG/TIFF
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from medseg.io.geometry import (
     spacing_from_affine,
 )
 from medseg.io.images import IMAGE_SUFFIXES, WRITE_SUFFIXES, load_channels, load_image, save_image, save_mask
+from medseg.io.raster import RASTER_SUFFIXES, raster_channels, read_dicom_image, read_raster, write_raster
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "RASTER_SUFFIXES",
     "WRITE_SUFFIXES",
     "DicomSeries",
     "ZipLimits",
@@ -34,11 +39,15 @@ __all__ = [
     "load_image",
     "lps_to_ras",
     "ras_to_lps",
+    "raster_channels",
+    "read_dicom_image",
     "read_dicom_series",
+    "read_raster",
     "safe_extract_zip",
     "same_geometry",
     "save_image",
     "save_mask",
     "sitk_to_affine",
     "spacing_from_affine",
+    "write_raster",
 ]

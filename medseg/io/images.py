@@ -1,16 +1,18 @@
-"""Image and mask reading/writing with exact geometry: NIfTI (nibabel), NRRD and MetaImage (SimpleITK), DICOM.
+"""Image and mask reading/writing with exact geometry: NIfTI, NRRD, MetaImage, DICOM and 2D PNG/JPEG/TIFF/BMP.
 
 One reader per format: nibabel for NIfTI, SimpleITK for NRRD/MetaImage (converted from LPS to RAS), pydicom + ITK
-for DICOM (see :mod:`medseg.io.dicom`). Everything returns the medseg image contract: a float32
-``MetaTensor`` ``(C, X, Y, Z)`` with a RAS ``.affine`` (see :mod:`medseg.io.geometry`). Writers are atomic: they
-write into a temporary folder next to the target and move the result into place with ``os.replace``.
+for DICOM series (see :mod:`medseg.io.dicom`), and :mod:`medseg.io.raster` for 2D images (PNG, JPEG, TIFF, BMP
+and single ``.dcm`` files). Everything returns the medseg image contract: a float32 ``MetaTensor`` ``(C, X, Y, Z)``
+with a RAS ``.affine`` (see :mod:`medseg.io.geometry`); a 2D image is a volume of one slice, ``(C, X, Y, 1)``.
+Writers are atomic: they write into a temporary folder next to the target and move the result into place with
+``os.replace``. 2D masks can be written as PNG or TIFF; NIfTI, NRRD and MetaImage hold masks of any shape.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,27 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
-from medseg.core.atomic import atomic_write
 from medseg.core.errors import ConfigError, DataError, ModelInputError
 from medseg.io.archive import ZipLimits, safe_extract_zip
 from medseg.io.dicom import read_dicom_series
-from medseg.io.geometry import affine_to_sitk, as_numpy_affine, check_affine, sitk_to_affine, to_metatensor
+from medseg.io.geometry import (
+    affine_to_sitk,
+    as_numpy_affine,
+    check_affine,
+    sitk_to_affine,
+    spacing_from_affine,
+    to_metatensor,
+)
+from medseg.io.raster import (
+    DICOM_SUFFIXES,
+    RASTER_SUFFIXES,
+    RASTER_WRITE_SUFFIXES,
+    read_dicom_image,
+    read_raster,
+    unreadable_file_error,
+    write_atomic,
+    write_raster,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +57,15 @@ _FORMATS = {
     ".mhd": "metaimage",
 }
 #: Suffixes ``load_image`` reads (besides a DICOM folder).
-IMAGE_SUFFIXES: tuple[str, ...] = (*_FORMATS, ".zip")
-#: Suffixes ``save_mask`` / ``save_image`` write.
-WRITE_SUFFIXES: tuple[str, ...] = tuple(_FORMATS)
+IMAGE_SUFFIXES: tuple[str, ...] = (*_FORMATS, *RASTER_SUFFIXES, *DICOM_SUFFIXES, ".zip")
+#: Suffixes ``save_mask`` writes; ``save_image`` writes all but the 2D ones (``.png``, ``.tif``, ``.tiff``).
+WRITE_SUFFIXES: tuple[str, ...] = (*_FORMATS, *RASTER_WRITE_SUFFIXES)
 _SITK_IO = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
 
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def _unreadable(path: Path, fmt: str, exc: BaseException) -> DataError:
-    detail = str(exc).strip().splitlines()
-    reason = f"{type(exc).__name__}: {detail[-1] if detail else ''}".rstrip(": ")
-    return DataError(
-        f"cannot read {path.name} as {fmt} ({reason})",
-        expected=f"a valid {fmt} file",
-        hint="the file may be truncated or corrupt; re-export it",
-        path=path,
-    )
 
 
 def _read_nifti(path: Path) -> MetaTensor:
@@ -71,7 +78,7 @@ def _read_nifti(path: Path) -> MetaTensor:
     except DataError:
         raise
     except Exception as exc:  # nibabel/gzip/zlib raise many types for a broken file; none may escape raw
-        raise _unreadable(path, "NIfTI", exc) from exc
+        raise unreadable_file_error(path, "NIfTI", exc) from exc
     if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images are (X, Y, Z, 1, C)
         data = data[:, :, :, 0]
     if data.ndim == 2:
@@ -91,7 +98,7 @@ def _read_sitk(path: Path, fmt: str) -> MetaTensor:
         img = sitk.ReadImage(str(path), imageIO=_SITK_IO[fmt])
         arr = sitk.GetArrayFromImage(img)
     except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK trace
-        raise _unreadable(path, "NRRD" if fmt == "nrrd" else "MetaImage", exc) from exc
+        raise unreadable_file_error(path, "NRRD" if fmt == "nrrd" else "MetaImage", exc) from exc
     dim = img.GetDimension()
     if dim not in (2, 3) or np.iscomplexobj(arr):
         raise DataError(
@@ -112,30 +119,35 @@ def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: Z
     """Load an image with its geometry.
 
     Supported: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``), a folder
-    of DICOM files (searched recursively) and a ``.zip`` of DICOM files (extracted safely into a temporary folder
-    that is removed afterwards). For the DICOM series rule and geometry checks see
-    :func:`medseg.io.dicom.read_dicom_series`.
+    of DICOM files (searched recursively), a ``.zip`` of DICOM files (extracted safely into a temporary folder
+    that is removed afterwards), and 2D images: PNG, JPEG, TIFF, BMP (``.png``, ``.jpg``, ``.jpeg``, ``.tif``,
+    ``.tiff``, ``.bmp``) and a single-frame DICOM file (``.dcm``). For the DICOM series rule and geometry checks see
+    :func:`medseg.io.dicom.read_dicom_series`; for 2D images (channels, pixel size) see :mod:`medseg.io.raster`.
 
     Args:
         path: image file, DICOM folder or DICOM zip.
-        series_uid: DICOM only: the SeriesInstanceUID to read (default: the largest image series).
+        series_uid: DICOM folder or zip only: the SeriesInstanceUID to read (default: the largest image series).
         zip_limits: limits for zip extraction (``ZipLimits()`` if None).
 
     Returns:
         ``MetaTensor`` ``(C, X, Y, Z)`` float32 (a 3D scalar image has C=1; a 4D NIfTI ``(X, Y, Z, C)`` has C
-        channels). ``.affine`` is the float64 ``(4, 4)`` voxel-to-RAS-mm matrix; ``.meta`` holds
-        ``filename_or_obj``, ``original_affine``, ``spatial_shape``, ``space="RAS"`` and ``source_format`` (one of
-        "nifti", "nrrd", "metaimage", "dicom"; DICOM adds ``series_uid``, ``study_uid``, ``modality``).
+        channels; a 2D image is ``(C, X, Y, 1)`` with X = column, Y = row, C=1 grey or C=3 colour).
+        ``.affine`` is the float64 ``(4, 4)`` voxel-to-RAS-mm matrix; ``.meta`` holds ``filename_or_obj``,
+        ``original_affine``, ``spatial_shape``, ``space="RAS"`` and ``source_format`` (one of "nifti", "nrrd",
+        "metaimage", "dicom", "raster"; DICOM adds ``series_uid``, ``study_uid``, ``modality``).
 
     Raises:
-        DataError: missing path, unsupported suffix, unreadable or corrupt file, refused geometry.
-        ConfigError: ``series_uid`` given for a non-DICOM file.
+        DataError: missing path, unsupported suffix, unreadable or corrupt file, refused geometry, a multi-page or
+            multi-frame 2D file.
+        ConfigError: ``series_uid`` given for a file other than a DICOM zip.
 
     Examples::
 
         >>> img = load_image("case001.nii.gz")
         >>> img.shape, img.affine.shape
         (torch.Size([1, 256, 256, 120]), torch.Size([4, 4]))
+        >>> load_image("lesion_01.png").shape
+        torch.Size([3, 600, 450, 1])
     """
     p = Path(path)
     if not p.exists():
@@ -151,8 +163,9 @@ def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: Z
             except DataError as err:  # name the zip, not the temporary folder
                 what = err.what.replace(str(folder), p.name)
                 raise DataError(what, expected=err.expected, hint=err.hint, path=p) from err
+    is_2d = suffix in RASTER_SUFFIXES or suffix in DICOM_SUFFIXES
     fmt = _FORMATS.get(suffix)
-    if fmt is None:
+    if fmt is None and not is_2d:
         raise DataError(
             f"{p.name} has an unsupported suffix {suffix or '(none)'}",
             expected=f"one of {', '.join(IMAGE_SUFFIXES)} or a folder of DICOM files",
@@ -160,7 +173,13 @@ def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: Z
             path=p,
         )
     if series_uid is not None:
-        raise ConfigError(f"series_uid given for {p.name}", expected="series_uid only with DICOM input", path=p)
+        raise ConfigError(
+            f"series_uid given for {p.name}", expected="series_uid only with a DICOM folder or zip", path=p
+        )
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom_image(p)
+    if suffix in RASTER_SUFFIXES:
+        return read_raster(p)
     return _read_nifti(p) if fmt == "nifti" else _read_sitk(p, fmt)
 
 
@@ -202,32 +221,31 @@ def load_channels(paths: Sequence[str | Path]) -> MetaTensor:
     return to_metatensor(data, first_affine, meta)
 
 
-def _output_format(path: Path) -> str:
-    fmt = _FORMATS.get(_suffix(path))
+def _output_format(path: Path, *, mask: bool) -> str:
+    """The writer for ``path``'s suffix: a ``_FORMATS`` value, or ``"raster"`` (PNG/TIFF, masks only)."""
+    suffix = _suffix(path)
+    if suffix in RASTER_WRITE_SUFFIXES:
+        if mask:
+            return "raster"
+        raise DataError(
+            f"cannot write {path.name}: save_image writes volumes with their geometry",
+            expected=f"one of {', '.join(_FORMATS)}",
+            hint="PNG/TIFF are written for 2D masks by save_mask; write images as NIfTI",
+            path=path,
+        )
+    fmt = _FORMATS.get(suffix)
     if fmt is None:
         raise DataError(
-            f"cannot write {path.name}: unsupported suffix {_suffix(path) or '(none)'}",
-            expected=f"one of {', '.join(WRITE_SUFFIXES)}",
+            f"cannot write {path.name}: unsupported suffix {suffix or '(none)'}",
+            expected=f"one of {', '.join(WRITE_SUFFIXES if mask else _FORMATS)}",
             path=path,
         )
     return fmt
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """:func:`medseg.core.atomic.atomic_write`, reporting writer failures as ``DataError``."""
-    try:
-        return atomic_write(path, write)
-    except Exception as exc:  # writer libraries raise RuntimeError/OSError/ValueError; report them uniformly
-        raise DataError(
-            f"could not write {path.name} ({type(exc).__name__}: {str(exc).strip()[-300:]})",
-            expected="a writable destination",
-            path=path,
-        ) from exc
-
-
 def _write(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     """Write a channel-first ``(C, X, Y, Z)`` array with its RAS affine in the format named by the suffix."""
-    fmt = _output_format(path)
+    fmt = _output_format(path, mask=False)
     affine = check_affine(affine, path.name)
 
     def write_nifti(tmp: Path) -> None:
@@ -249,7 +267,7 @@ def _write(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
         img.SetDirection(direction)
         sitk.WriteImage(img, str(tmp), useCompression=True)
 
-    return _write_atomic(path, write_nifti if fmt == "nifti" else write_sitk)
+    return write_atomic(path, write_nifti if fmt == "nifti" else write_sitk)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -259,12 +277,19 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _label_array(mask: Any) -> np.ndarray:
-    """Validate a label map and cast it to the smallest fitting integer type; returns ``(X, Y, Z)``."""
+    """Validate a label map and cast it to the smallest fitting integer type; returns ``(X, Y, Z)``.
+
+    A 2D ``(X, Y)`` label map is taken as one slice ``(X, Y, 1)``.
+    """
     arr = _to_numpy(mask)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
+    if arr.ndim == 2:
+        arr = arr[..., None]
     if arr.ndim != 3:
-        raise ModelInputError(f"mask has shape {arr.shape}", expected="(X, Y, Z) or (1, X, Y, Z) integer labels")
+        raise ModelInputError(
+            f"mask has shape {arr.shape}", expected="(X, Y, Z), (1, X, Y, Z) or 2D (X, Y) integer labels"
+        )
     if arr.dtype == bool:
         return arr.astype(np.uint8)
     if arr.dtype.kind == "f":
@@ -284,20 +309,25 @@ def save_mask(mask: Any, reference: MetaTensor | str | Path, path: str | Path) -
     """Write a label map on the exact grid of its reference image.
 
     Args:
-        mask: integer labels, numpy array or tensor ``(X, Y, Z)`` or ``(1, X, Y, Z)``.
+        mask: integer labels, numpy array or tensor ``(X, Y, Z)`` or ``(1, X, Y, Z)``; for a 2D reference also
+            ``(X, Y)``.
         reference: the image the mask belongs to (a ``MetaTensor`` from :func:`load_image`, or its path).
-        path: output file; the suffix picks the format: ``.nii``/``.nii.gz`` (nibabel, sform and qform code 1) or
-            ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK, LPS origin/spacing/direction in double precision).
+        path: output file; the suffix picks the format: ``.nii``/``.nii.gz`` (nibabel, sform and qform code 1),
+            ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK, LPS origin/spacing/direction in double precision), or
+            for a one-slice mask ``.png``/``.tif``/``.tiff`` (:func:`medseg.io.raster.write_raster`: rows = Y,
+            columns = X; only the pixel size of the reference is stored, as the file's resolution).
 
     Returns:
-        ``path`` as a ``Path``. Stored as uint8 when the labels fit, else uint16 or int32. The write is atomic.
+        ``path`` as a ``Path``. Stored as uint8 when the labels fit, else uint16 or int32 (PNG/TIFF: uint8 or
+        uint16). The write is atomic.
 
     Raises:
         ModelInputError: the mask's spatial shape differs from the reference's, or it is not an integer label map.
-        DataError: unsupported suffix, unreadable reference file, or the file cannot be written.
+        DataError: unsupported suffix, unreadable reference file, a PNG/TIFF for a mask of more than one slice or
+            with labels outside 0..65535, or the file cannot be written.
     """
     out = Path(path)
-    _output_format(out)
+    fmt = _output_format(out, mask=True)
     if isinstance(reference, str | Path):
         reference = load_image(reference)
     if not isinstance(reference, MetaTensor):
@@ -314,7 +344,22 @@ def save_mask(mask: Any, reference: MetaTensor | str | Path, path: str | Path) -
             expected=f"the reference's spatial shape {ref_shape}",
             hint="invert resampling/cropping (e.g. Invertd) before saving",
         )
-    return _write(labels[None], as_numpy_affine(ref.affine), out)
+    affine = as_numpy_affine(ref.affine)
+    if fmt != "raster":
+        return _write(labels[None], affine, out)
+    if labels.shape[2] != 1:
+        raise DataError(
+            f"mask for {out.name} has {labels.shape[2]} slices",
+            expected=f"one slice (X, Y, 1) in a PNG/TIFF, or a volume file ({', '.join(_FORMATS)})",
+            hint="PNG/TIFF hold one 2D slice; write NIfTI for volumes",
+            path=out,
+        )
+    spacing = spacing_from_affine(affine)
+    if not np.allclose(affine[:3, :3], np.diag(spacing), atol=1e-6) or np.any(affine[:3, 3] != 0):
+        logger.warning(
+            "%s: PNG/TIFF store the pixel size only; the reference's orientation and origin are not kept", out.name
+        )
+    return write_raster(labels, out, spacing=(float(spacing[0]), float(spacing[1])))
 
 
 def save_image(image: MetaTensor, path: str | Path) -> Path:
@@ -323,7 +368,7 @@ def save_image(image: MetaTensor, path: str | Path) -> Path:
     Args:
         image: ``MetaTensor`` ``(C, X, Y, Z)`` or ``(X, Y, Z)`` with a RAS ``.affine``; C > 1 is written as a 4D
             NIfTI ``(X, Y, Z, C)`` or a vector NRRD/MetaImage.
-        path: output file; suffix as for :func:`save_mask`.
+        path: output file; a NIfTI, NRRD or MetaImage suffix as for :func:`save_mask` (PNG/TIFF hold masks only).
 
     Returns:
         ``path`` as a ``Path``; the data is stored as float32 and the write is atomic.
@@ -333,7 +378,7 @@ def save_image(image: MetaTensor, path: str | Path) -> Path:
         DataError: unsupported suffix or the file cannot be written.
     """
     out = Path(path)
-    _output_format(out)
+    _output_format(out, mask=False)
     affine = getattr(image, "affine", None)
     if affine is None:
         raise ModelInputError(f"image for {out.name} has no affine", expected="a MetaTensor with .affine")

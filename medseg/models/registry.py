@@ -118,6 +118,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     divisible_by = getattr(model, "divisible_by", None)
     if divisible_by is not None and tuple(divisible_by) != card.divisible_by:
         card = card.replace(divisible_by=tuple(int(k) for k in divisible_by))
+    img_size = getattr(model, "img_size", None)
+    if card.needs_prompts and isinstance(img_size, int) and card.roi_size != (img_size,) * card.spatial_dims:
+        card = card.replace(roi_size=(img_size,) * card.spatial_dims)  # a prompted model's input side is its size
     model.card = card  # type: ignore[assignment]
     model.model_kwargs = dict(overrides)  # type: ignore[assignment]
     return model

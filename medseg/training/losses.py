@@ -67,3 +67,4 @@ def build_loss(name: str) -> nn.Module:
 
 # Losses of individual model families register themselves on import.
 from medseg.training import losses_mpunet as _losses_mpunet  # noqa: E402,F401
+from medseg.training import losses_sam as _losses_sam  # noqa: E402,F401

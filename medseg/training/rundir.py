@@ -106,7 +106,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] for r in records]
     ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss (Dice + CE)", title="training loss")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
     val = [r for r in records if r.get("val_dice")]
     if val:
         names = list(val[0]["val_dice"])

@@ -87,24 +87,11 @@ class Trainer:
         self.device = pick_device(config.train.device)
         self.model = model.to(self.device)
         self.progress = progress
-        t, d = config.train, config.data
-        self.window = dataclasses.replace(WindowSettings.from_config(config, self.card), tta=False)
-        roi = self.window.roi_size
-        preset = d.preset or self.card.intensity_preset
-        self.train_ds = CacheDataset(
-            train_cases,
-            transform=training_transforms(
-                preset, d.spacing, roi, t.fg_ratio, ct_window=d.ct_window, crop_foreground=d.crop_foreground
-            ),
-            progress=False,
-        )
-        self.val_ds = CacheDataset(
-            val_cases,
-            transform=preprocessing_for(d, self.card.intensity_preset, with_label=True),
-            progress=False,
-        )
-        self.loss_fn = build_loss(t.loss)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        t = config.train
+        self.train_ds, self.val_ds = self.build_datasets(train_cases, val_cases)
+        self.loss_fn = build_loss(t.loss or getattr(model, "paper_loss", "dice_ce"))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # frozen encoders stay out
+        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.total_steps = t.epochs * t.iters_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, t.warmup_iters, t.min_lr_ratio)
@@ -115,6 +102,45 @@ class Trainer:
         self.step = 0
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def build_datasets(self, train_cases: list[dict[str, Any]], val_cases: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """Training dataset (random patches, foreground-oversampled) and validation dataset (whole images)."""
+        t, d = self.cfg.train, self.cfg.data
+        self.window = dataclasses.replace(WindowSettings.from_config(self.cfg, self.card), tta=False)
+        preset = d.preset or self.card.intensity_preset
+        train_ds = CacheDataset(
+            train_cases,
+            transform=training_transforms(
+                preset,
+                d.spacing,
+                self.window.roi_size,
+                t.fg_ratio,
+                ct_window=d.ct_window,
+                crop_foreground=d.crop_foreground,
+            ),
+            progress=False,
+        )
+        val_ds = CacheDataset(
+            val_cases,
+            transform=preprocessing_for(d, self.card.intensity_preset, with_label=True),
+            progress=False,
+        )
+        return train_ds, val_ds
+
+    def reseed(self, seed: int) -> None:
+        """Seed the training data's random transforms for one epoch."""
+        self.train_ds.transform.set_random_state(seed=seed % (2**32))
+
+    def batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Loss of one training batch."""
+        image = plain(batch[IMAGE]).to(self.device, non_blocking=True)
+        label = plain(batch[LABEL]).to(self.device, non_blocking=True)
+        return self.loss_fn(self.model(image), label)
+
+    def collate(self, items: list[Any]) -> Any:
+        """Collate function of the training loader."""
+        return list_data_collate(items)
 
     # ----------------------------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -193,7 +219,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         t = self.cfg.train
         seed = t.seed * 100_003 + self.epoch
-        self.train_ds.transform.set_random_state(seed=seed % (2**32))
+        self.reseed(seed)
         sampler = torch.utils.data.RandomSampler(
             self.train_ds,
             replacement=True,
@@ -205,7 +231,7 @@ class Trainer:
             batch_size=t.batch_size,
             sampler=sampler,
             num_workers=t.num_workers,
-            collate_fn=list_data_collate,
+            collate_fn=self.collate,
             drop_last=True,
         )
 
@@ -214,10 +240,8 @@ class Trainer:
         self.model.train()
         losses = []
         for batch in self._loader():
-            image = plain(batch[IMAGE]).to(self.device, non_blocking=True)
-            label = plain(batch[LABEL]).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                loss = self.loss_fn(self.model(image), label)
+                loss = self.batch_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower train.lr")
             self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from medseg.core.errors import ModelInputError
 from server.errors import ApiError
 from server.jobs import JobManager
+from server.prompts import PROMPTS_DESCRIPTION, check_prompts, parse_prompts
 from server.results import LABEL_HEADER, check_output, file_response
 from server.routes.predict import pick, require_multipart
 from server.schemas import JobCreated, JobDeleted, JobStatus, OutputFormat, error_responses
@@ -47,6 +48,8 @@ async def create_job(
     model_q: str | None = Query(None, alias="model"),
     output_q: OutputFormat | None = Query(None, alias="output", description="nifti (default), nrrd, dicom-seg, json"),
     tta_q: bool | None = Query(None, alias="tta"),
+    prompts_f: str | None = Form(None, alias="prompts", description=PROMPTS_DESCRIPTION),
+    prompts_q: str | None = Query(None, alias="prompts"),
 ) -> JSONResponse:
     """Accept a job (202 + id); poll ``GET /v1/jobs/{id}``, then fetch ``/result``. 503 + Retry-After when full."""
     settings: Settings = request.app.state.settings
@@ -57,20 +60,31 @@ async def create_job(
     tta = pick(tta_q, tta_f, None)
     store = request.app.state.models
     model = store.get(name)
+    prompts = parse_prompts(pick(prompts_q, prompts_f, None))
+    check_prompts(name, model.card, prompts)
     jobs = _jobs(request)
     jobs.check_capacity()
     upload = await receive_upload(file, settings)
     try:
         check_output(output, upload.is_dicom)
         image = await run_in_threadpool(open_image, upload, settings)
-        if image.shape[0] != model.card.in_channels:
+        if prompts is not None:
+            prompts.to_voxel(image.affine, tuple(image.shape[1:]))  # out-of-image prompts fail now, not in the job
+        elif image.shape[0] != model.card.in_channels:
             raise ModelInputError(
                 f"{upload.filename} has {image.shape[0]} channel(s) but model {name!r} takes {model.card.in_channels}",
                 hint="send an image with the channels the model was trained on",
             )
         del image
         job_id = await run_in_threadpool(
-            jobs.submit, name, upload.path, output, tta, model_dir=store.source.get(name), stem=upload.stem
+            jobs.submit,
+            name,
+            upload.path,
+            output,
+            tta,
+            model_dir=store.source.get(name),
+            stem=upload.stem,
+            prompts=prompts.to_json() if prompts is not None else None,
         )
     finally:
         upload.cleanup()

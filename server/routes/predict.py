@@ -20,7 +20,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from medseg.inference import Prediction
+from medseg.inference.prompts import Prompts
 from server.errors import ApiError
+from server.prompts import PROMPTS_DESCRIPTION, check_prompts, parse_prompts
 from server.results import LABEL_HEADER, OUTPUTS, check_output, render
 from server.schemas import ModelDetail, ModelList, OutputFormat, PredictStats, error_responses
 from server.security import require_auth
@@ -70,13 +72,17 @@ def busy(what: str) -> ApiError:
     )
 
 
-def _predict_locked(request: Request, name: str, upload: Upload, tta: bool | None, deadline: float) -> Prediction:
+def _predict_locked(
+    request: Request, name: str, upload: Upload, tta: bool | None, deadline: float, prompts: Prompts | None = None
+) -> Prediction:
     store = request.app.state.models
     model, lock = store.get(name), store.locks[name]
     image = open_image(upload, request.app.state.settings)
     if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
         raise busy(f"waiting for model {name!r}")
     try:
+        if prompts is not None:
+            return model.predict(image, tta=tta, prompts=prompts)
         return model.predict(image, tta=tta)
     finally:
         lock.release()
@@ -130,24 +136,31 @@ _FILE_RESPONSES = {
 async def predict(
     name: str,
     request: Request,
-    file: UploadFile = File(..., description="NIfTI/NRRD/MHA image, or a .zip of one DICOM series"),
+    file: UploadFile = File(..., description="NIfTI/NRRD/MHA/PNG/TIFF/2D DICOM image, or a .zip of one DICOM series"),
     output_q: OutputFormat | None = Query(None, alias="output", description="nifti (default), nrrd, dicom-seg, json"),
     tta_q: bool | None = Query(None, alias="tta", description="flip test-time augmentation (default: the run's)"),
     output_f: OutputFormat | None = Form(None, alias="output"),
     tta_f: bool | None = Form(None, alias="tta"),
+    prompts_q: str | None = Query(None, alias="prompts", description=PROMPTS_DESCRIPTION),
+    prompts_f: str | None = Form(None, alias="prompts"),
 ) -> Response:
-    """Segment the uploaded image; the mask lands on the upload's exact voxel grid."""
+    """Segment the uploaded image; the mask lands on the upload's exact voxel grid.
+
+    Prompted models (``needs_prompts`` in their card) take a box and/or points in the JSON field ``prompts``.
+    """
     settings: Settings = request.app.state.settings
     deadline = time.monotonic() + settings.sync_timeout_s
     output = pick(output_q, output_f, OutputFormat.nifti)
     tta = pick(tta_q, tta_f, None)
-    request.app.state.models.get(name)  # 404 with a suggestion before reading the upload
+    model = request.app.state.models.get(name)  # 404 with a suggestion before reading the upload
+    prompts = parse_prompts(pick(prompts_q, prompts_f, None))
+    check_prompts(name, model.card, prompts)
     upload = await receive_upload(file, settings)
     try:
         check_output(output, upload.is_dicom)
         started = time.perf_counter()
         prediction = await in_thread(
-            functools.partial(_predict_locked, request, name, upload, tta, deadline), deadline, "prediction"
+            functools.partial(_predict_locked, request, name, upload, tta, deadline, prompts), deadline, "prediction"
         )
         encode = functools.partial(
             render,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from medseg.core.errors import ModelInputError
-from medseg.models import count_parameters, create_model, get_card, list_models, tiny_overrides
+from medseg.core.errors import ConfigError, ModelInputError
+from medseg.models import ModelCard, count_parameters, create_model, get_card, list_models, tiny_overrides
 
 MODELS = list_models()
 
@@ -18,9 +18,22 @@ def _first(out: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return out[0] if isinstance(out, list | tuple) else out
 
 
-def _small_shape(divisible_by: tuple[int, ...]) -> tuple[int, ...]:
-    """Smallest allowed size per axis, the last axis doubled so the input is not a cube (nor a 1-voxel bottleneck)."""
-    return tuple(divisible_by[:-1]) + (2 * divisible_by[-1],)
+def _small_shape(card: ModelCard) -> tuple[int, ...]:
+    """Smallest allowed size per axis, the last axis doubled so the input is not a cube (nor a 1-voxel bottleneck).
+
+    Prompted SAM models take exactly their square input size."""
+    if card.needs_prompts:
+        return tuple(card.roi_size)
+    return tuple(card.divisible_by[:-1]) + (2 * card.divisible_by[-1],)
+
+
+def _call(model: nn.Module, x: Tensor) -> Tensor | list[Tensor]:
+    """Forward ``x``; prompted models get one box per image (the central half of the input)."""
+    if not model.card.needs_prompts:
+        return model(x)
+    h, w = x.shape[-2:]
+    boxes = torch.tensor([[w / 4, h / 4, 3 * w / 4, 3 * h / 4]]).repeat(x.shape[0], 1)
+    return model(x, boxes=boxes)
 
 
 def _tiny(name: str, **extra: object) -> nn.Module:
@@ -40,12 +53,15 @@ def test_registry_lists_the_first_models() -> None:
 def test_forward_backward(tiny_model: tuple[str, nn.Module]) -> None:
     name, model = tiny_model
     card = model.card
-    shape = _small_shape(card.divisible_by)
+    shape = _small_shape(card)
     assert len(shape) == card.spatial_dims
     model.train()
     x = torch.randn(2, card.in_channels, *shape)
-    out = model(x)
+    out = _call(model, x)
     outputs = out if isinstance(out, list | tuple) else [out]
+    if card.needs_prompts:  # a point-only prompt reaches the point and padding embeddings a box does not use
+        coords = torch.tensor([[[shape[1] / 2, shape[0] / 2], [2.0, 2.0]]]).repeat(2, 1, 1)
+        outputs = [*outputs, model(x, points=(coords, torch.tensor([[1, 0]]).repeat(2, 1)))]
     for y in outputs:
         assert y.shape == (2, card.out_channels, *shape), name
         assert torch.isfinite(y).all(), name
@@ -58,13 +74,13 @@ def test_forward_backward(tiny_model: tuple[str, nn.Module]) -> None:
 def test_state_dict_round_trip(tiny_model: tuple[str, nn.Module]) -> None:
     name, model = tiny_model
     card = model.card
-    x = torch.randn(2, card.in_channels, *_small_shape(card.divisible_by))
+    x = torch.randn(2, card.in_channels, *_small_shape(card))
     model.eval()
     other = create_model(name, **tiny_overrides(name))
     other.load_state_dict(model.state_dict(), strict=True)
     other.eval()
     with torch.no_grad():
-        torch.testing.assert_close(_first(other(x)), _first(model(x)))
+        torch.testing.assert_close(_first(_call(other, x)), _first(_call(model, x)))
 
 
 def test_card_matches_model(tiny_model: tuple[str, nn.Module]) -> None:
@@ -78,15 +94,19 @@ def test_card_matches_model(tiny_model: tuple[str, nn.Module]) -> None:
     assert getattr(model, "out_channels", card.out_channels) == card.out_channels
     model.eval()
     with torch.no_grad():
-        y = _first(model(torch.randn(1, card.in_channels, *_small_shape(card.divisible_by))))
+        y = _first(_call(model, torch.randn(1, card.in_channels, *_small_shape(card))))
     assert y.shape[1] == card.out_channels
 
 
 def test_overridden_channels_reach_model_and_card(tiny_model: tuple[str, nn.Module]) -> None:
     name, _ = tiny_model
+    if get_card(name).needs_prompts:  # RGB in, one mask per prompt out: other channel counts are refused
+        with pytest.raises(ConfigError, match="channel"):
+            _tiny(name, in_channels=2, out_channels=5)
+        return
     model = _tiny(name, in_channels=2, out_channels=5).eval()
     assert (model.card.in_channels, model.card.out_channels) == (2, 5)
-    shape = _small_shape(model.card.divisible_by)
+    shape = _small_shape(model.card)
     with torch.no_grad():
         assert _first(model(torch.randn(1, 2, *shape))).shape == (1, 5, *shape)
 
@@ -94,7 +114,7 @@ def test_overridden_channels_reach_model_and_card(tiny_model: tuple[str, nn.Modu
 def test_rejects_indivisible_input(tiny_model: tuple[str, nn.Module]) -> None:
     name, model = tiny_model
     card = model.card
-    shape = list(_small_shape(card.divisible_by))
+    shape = list(_small_shape(card))
     shape[0] += 1
     with pytest.raises(ModelInputError, match=name) as info:
         model(torch.randn(1, card.in_channels, *shape))
@@ -104,7 +124,7 @@ def test_rejects_indivisible_input(tiny_model: tuple[str, nn.Module]) -> None:
 def test_rejects_wrong_channels_and_rank(tiny_model: tuple[str, nn.Module]) -> None:
     name, model = tiny_model
     card = model.card
-    shape = _small_shape(card.divisible_by)
+    shape = _small_shape(card)
     with pytest.raises(ModelInputError, match=f"got {card.in_channels + 1} channels, expected {card.in_channels}"):
         model(torch.randn(1, card.in_channels + 1, *shape))
     with pytest.raises(ModelInputError, match="dimensions"):

@@ -17,22 +17,6 @@ API_KEY = "test-key"
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory of the tiny segformer3d trained for one epoch on the tiny dataset (~10 s, once per session).
-
-    Labels: ``background``, ``sphere``, ``box``; one input channel (MRI). Read-only: copy it before changing it.
-    """
-    from pipelines.train import TrainRequest, train
-    from tests.helpers import tiny_config
-
-    root = tmp_path_factory.mktemp("server-run")
-    cfg = tiny_config(root / "tiny.yaml", epochs=1)
-    run = root / "run"
-    train(TrainRequest(tiny_dataset, config=cfg, out=run, show_progress=False))
-    return run
-
-
-@pytest.fixture(scope="session")
 def models_dir(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``models_dir`` holding a copy of :func:`tiny_run` named ``tiny``."""
     root = tmp_path_factory.mktemp("models")

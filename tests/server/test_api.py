@@ -185,7 +185,8 @@ def _huge_header_nifti() -> bytes:
 
 
 BAD = {
-    "wrong suffix": ({"file": ("scan.png", b"\x89PNG....")}, {}, 415, "UnsupportedMediaType"),
+    "wrong suffix": ({"file": ("scan.gif", b"GIF89a....")}, {}, 415, "UnsupportedMediaType"),
+    "corrupt png": ({"file": ("scan.png", b"\x89PNG....")}, {}, 422, "DataError"),
     "zip slip": ({"file": ("series.zip", _zip({"../evil.dcm": b"x", "ok.dcm": b"y"}))}, {}, 422, "DataError"),
     "not a zip": ({"file": ("series.zip", b"PK\x03\x04 broken")}, {}, 422, "DataError"),
     "zip without dicom": ({"file": ("series.zip", _zip({"readme.txt": b"hello"}))}, {}, 422, "DataError"),

@@ -267,14 +267,14 @@ def test_bad_files(open_server: Server, tmp_path: Path) -> None:
     client = SlicerClient(open_server.url, tmp_path)
     junk = tmp_path / "junk.nrrd"
     junk.write_bytes(b"this is not an image at all" * 10)
-    png = tmp_path / "picture.png"
-    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    gif = tmp_path / "picture.gif"
+    gif.write_bytes(b"GIF89a" + b"\0" * 64)
     liar = tmp_path / "huge.nrrd"  # a header declaring 10^9 voxels over a few bytes of data
     header = b"NRRD0004\ntype: float\ndimension: 3\nsizes: 1000 1000 1000\nendian: little\nencoding: raw\n\n"
     liar.write_bytes(header + b"\0" * 64)
     big = tmp_path / "big.nrrd"
     sitk.WriteImage(_oblique_image((40, 80, 80)), str(big))  # 256 000 voxels > MAX_VOXELS
-    for path, status, error in [(junk, 422, None), (png, 415, None), (liar, 413, "TooManyVoxels"), (big, 413, None)]:
+    for path, status, error in [(junk, 422, None), (gif, 415, None), (liar, 413, "TooManyVoxels"), (big, 413, None)]:
         for method, selector in (("POST", "/infer/tiny?image=x"), ("PUT", "/datastore/?image=x")):
             reply = client.multipart(method, selector, {"params": "{}"}, {"file": path})
             _assert_error(SlicerClientError(reply.status, reply.body), status, error)
