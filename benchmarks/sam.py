@@ -14,11 +14,14 @@ For each model, in its own process so peak RSS is its own:
 
 DB-SAM is fine-tuned at a 256² input (its SAM core resized the way SAM-UNet resizes SAM: position embedding and
 global relative-position tables interpolated) because one training step at 1024² takes tens of seconds on 2 cores;
-its latency is measured at 1024². Writes ``benchmarks/results/sam-cpu.md``.
+its latency is measured at 1024². The baseline is a MONAI 2D UNet (``--models unet2d``) trained without prompts
+(semantic GM/WM segmentation of whole slices) for the same minutes. Writes ``benchmarks/results/sam-cpu.md`` and
+the rows as ``sam-cpu.json`` (``--append`` adds or replaces rows of an earlier run).
 
 Usage::
 
     .venv/bin/python benchmarks/sam.py [--minutes 3] [--models sam_unet_r34,sam_unet_r50,db_sam] [--skip-training]
+        [--inits random,checkpoint] [--out benchmarks/results/sam-cpu.md]
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -146,11 +151,81 @@ def fine_tune(name: str, init: str, minutes: float, work: Path) -> dict:
     }
 
 
-def measure_one(name: str, minutes: float, work: Path, train: bool) -> dict:
+def _slices(root: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    from medseg.data import load_manifest
+    from medseg.io import load_image
+
+    out = []
+    for case in load_manifest(root).cases:
+        image = np.asarray(load_image(case.images[0]))[0, :, :, 0].T  # (rows, cols)
+        label = np.asarray(load_image(case.label))[0, :, :, 0].T.astype(np.int64)
+        out.append((image / 255.0, label))
+    return out
+
+
+def unet2d_baseline(minutes: float, work: Path) -> dict:
+    """MONAI 2D UNet, semantic (no prompts), same slices, same CPU minutes, whole-slice Dice per label."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    model = UNet(2, 1, 3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    row: dict = {"name": "unet2d (MONAI, no prompts)", "size": 256}
+    row["params_m"] = row["trainable_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    x = torch.randn(1, 1, 256, 256)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    row["latency_s"] = statistics.median(times[1:])
+    train, heldout = _slices(work / "data" / "slices_train"), _slices(work / "data" / "slices_heldout")
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        r, c = a.shape
+        return np.pad(a, ((0, -r % 16), (0, -c % 16)))
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    model.train()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < minutes * 60:
+        pick = rng.integers(0, len(train), 4)
+        img = torch.from_numpy(np.stack([pad(train[i][0]) for i in pick])[:, None]).float()
+        lbl = torch.from_numpy(np.stack([pad(train[i][1]) for i in pick])[:, None])
+        loss = loss_fn(model(img), lbl)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    model.eval()
+    dice: dict[int, list[float]] = {1: [], 2: []}
+    with torch.no_grad():
+        for image, label in heldout:
+            logits = model(torch.from_numpy(pad(image))[None, None].float())
+            pred = logits[0].argmax(0).numpy()[: label.shape[0], : label.shape[1]]
+            for v in dice:
+                ref, out = label == v, pred == v
+                if ref.any():
+                    dice[v].append(2 * (ref & out).sum() / (ref.sum() + out.sum()))
+    gm, wm = float(np.mean(dice[1])), float(np.mean(dice[2]))
+    run = {"steps": steps, "s_per_step": minutes * 60 / steps, "size": "full", "gm": gm, "wm": wm}
+    row["random"] = {**run, "mean": (gm + wm) / 2}
+    return row
+
+
+def measure_one(name: str, minutes: float, work: Path, inits: tuple[str, ...]) -> dict:
+    if name == "unet2d":
+        row = unet2d_baseline(minutes, work)
+        row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return row
     row = measure_size_and_latency(name)
-    if train:
-        for init in ("random", "checkpoint"):
-            row[init] = fine_tune(name, init, minutes, work)
+    for init in inits:
+        row[init] = fine_tune(name, init, minutes, work)
     row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return row
 
@@ -193,30 +268,38 @@ def main() -> None:
     parser.add_argument("--models", default="sam_unet_r50,sam_unet_r34,db_sam")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "sam_bench")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--inits", default="random,checkpoint", help="random and/or checkpoint")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sam-cpu.md")
+    parser.add_argument("--append", action="store_true", help="keep the other rows of <out>.json")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.one, args.minutes, args.work, not args.skip_training)))
+        inits = tuple(args.inits.split(",")) if not args.skip_training else ()
+        print(json.dumps(measure_one(args.one, args.minutes, args.work, inits)))
         return
     from medseg.data.demo_brain import write_slice_dataset
 
     if not args.skip_training and not (args.work / "data" / "slices_train").is_dir():
         write_slice_dataset(args.work / "data")
-    rows = []
+    rows_file = args.out.with_suffix(".json")
+    rows = json.loads(rows_file.read_text()) if args.append and rows_file.is_file() else []
     for name in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--minutes", str(args.minutes), "--work", str(args.work)]
+        cmd += ["--inits", args.inits]
         if args.skip_training:
             cmd.append("--skip-training")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = [r for r in rows if r["name"] != row["name"]] + [row]
+        print(json.dumps(row), flush=True)
     text = table(rows, args.minutes)
     print(text)
-    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "sam-cpu.md").write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    rows_file.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DicomSeries", "list_dicom_series", "read_dicom_series", "sorted_series_files"]
 
 # Non-image objects that may share a study folder with the images.
-_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "DOC", "REG"})
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "DOC", "REG"})
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _GAP_TOLERANCE = 0.01  # relative deviation from the median slice gap
 _DUPLICATE_MM = 1e-3  # slices closer than this along the normal are duplicates
@@ -74,7 +74,7 @@ class DicomSeries:
         return f"{self.uid}{desc} ({self.modality}, {self.n_instances} instances)"
 
 
-def _floats(value: Any) -> tuple[float, ...] | None:
+def float_values(value: Any) -> tuple[float, ...] | None:
     """Parse a DS/FD (multi-)value into floats; unparsable entries become NaN so the geometry check refuses them."""
     if value is None:
         return None
@@ -110,13 +110,13 @@ def _parse(path: Path) -> _Instance | None:
         return None
     modality = str(ds.get("Modality", "") or "").upper()
     uid = str(ds.get("SeriesInstanceUID", "") or "")
-    if not has_pixels or not uid or modality in _NON_IMAGE_MODALITIES:
+    if not has_pixels or not uid or modality in NON_IMAGE_MODALITIES:
         return None
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
-    ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
+    ipp, iop = float_values(ds.get("ImagePositionPatient")), float_values(ds.get("ImageOrientationPatient"))
     if frames <= 1 and (ipp is None or iop is None):
         return None  # no patient geometry (e.g. secondary capture): not an image series we can place in space
     number = ds.get("SeriesNumber")
@@ -124,7 +124,7 @@ def _parse(path: Path) -> _Instance | None:
         series_number = None if number in (None, "") else int(number)
     except (TypeError, ValueError):
         series_number = None
-    thickness = _floats(ds.get("SliceThickness"))
+    thickness = float_values(ds.get("SliceThickness"))
     return _Instance(
         path=path,
         series_uid=uid,
@@ -137,7 +137,7 @@ def _parse(path: Path) -> _Instance | None:
         frames=frames,
         ipp=ipp,
         iop=iop,
-        pixel_spacing=_floats(ds.get("PixelSpacing")),
+        pixel_spacing=float_values(ds.get("PixelSpacing")),
         slice_thickness=thickness[0] if thickness else None,
     )
 

@@ -37,7 +37,7 @@ from monai.data import MetaTensor
 
 from medseg.core.atomic import atomic_write
 from medseg.core.errors import DataError, ModelInputError
-from medseg.io.dicom import _NON_IMAGE_MODALITIES, _floats
+from medseg.io.dicom import NON_IMAGE_MODALITIES, float_values
 from medseg.io.geometry import LPS_RAS_FLIP, check_affine, to_metatensor
 
 logger = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ def _ultrasound_spacing(ds: Any) -> tuple[float, float] | None:
         units = (region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection"))
         if region.get("RegionSpatialFormat") != 1 or units != (3, 3):
             continue
-        deltas = _floats([region.get("PhysicalDeltaY"), region.get("PhysicalDeltaX")])
+        deltas = float_values([region.get("PhysicalDeltaY"), region.get("PhysicalDeltaX")])
         spacing = _valid_spacing(tuple(10.0 * abs(d) for d in deltas) if deltas else None)
         if spacing is not None:
             return spacing
@@ -332,9 +332,9 @@ def _dicom_geometry_error(path: Path, what: str, expected: str) -> DataError:
 
 def _dicom_affine(ds: Any, path: Path) -> tuple[np.ndarray, str]:
     """RAS affine ``(4, 4)`` of a single-frame DICOM image and where its geometry came from."""
-    ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
+    ipp, iop = float_values(ds.get("ImagePositionPatient")), float_values(ds.get("ImageOrientationPatient"))
     if ipp is not None and iop is not None:
-        spacing = _valid_spacing(_floats(ds.get("PixelSpacing")))
+        spacing = _valid_spacing(float_values(ds.get("PixelSpacing")))
         if spacing is None:
             raise _dicom_geometry_error(
                 path, f"invalid PixelSpacing {ds.get('PixelSpacing')}", "two finite, positive PixelSpacing values (mm)"
@@ -351,7 +351,7 @@ def _dicom_affine(ds: Any, path: Path) -> tuple[np.ndarray, str]:
             )
         row_cos, col_cos = row_cos / norms[0], col_cos / norms[1]
         normal = np.cross(row_cos, col_cos)
-        thickness = _floats(ds.get("SliceThickness"))
+        thickness = float_values(ds.get("SliceThickness"))
         gap = thickness[0] if thickness and math.isfinite(thickness[0]) and thickness[0] > 0 else 1.0
         row_spacing, col_spacing = spacing
         lps = np.eye(4)
@@ -361,8 +361,8 @@ def _dicom_affine(ds: Any, path: Path) -> tuple[np.ndarray, str]:
         lps[:3, 3] = ipp
         return LPS_RAS_FLIP @ lps, "patient"
     for source, spacing in (
-        ("PixelSpacing", _valid_spacing(_floats(ds.get("PixelSpacing")))),
-        ("ImagerPixelSpacing", _valid_spacing(_floats(ds.get("ImagerPixelSpacing")))),
+        ("PixelSpacing", _valid_spacing(float_values(ds.get("PixelSpacing")))),
+        ("ImagerPixelSpacing", _valid_spacing(float_values(ds.get("ImagerPixelSpacing")))),
         ("SequenceOfUltrasoundRegions", _ultrasound_spacing(ds)),
     ):
         if spacing is not None:
@@ -404,7 +404,7 @@ def read_dicom_image(path: str | Path) -> MetaTensor:
     modality = str(ds.get("Modality", "") or "").upper()
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DataError(f"{p.name} holds no pixel data ({modality or 'no modality'})", expected="a DICOM image", path=p)
-    if modality in _NON_IMAGE_MODALITIES:
+    if modality in NON_IMAGE_MODALITIES:
         raise DataError(f"{p.name} is a {modality} object, not an image", expected="a DICOM image", path=p)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)

@@ -71,7 +71,7 @@ class PromptSliceDataset(torch.utils.data.Dataset):
                 )
             # uint8 after SAM's 0-255 scaling: a quarter of the memory of float32, no information lost.
             self.images.append(sam_intensity(image).round().clamp(0, 255).to(torch.uint8))
-            label = label.astype(np.int64)
+            label = label.astype(np.uint8 if label.max(initial=0) < 256 else np.int32)  # compact: many cases in RAM
             self.labels.append(label)
             for z in range(label.shape[2]):
                 values = np.unique(label[:, :, z])

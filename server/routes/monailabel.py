@@ -16,6 +16,10 @@ What that client sends and reads (see ENVIRONMENT.md "MONAI Label protocol"):
 * ``GET /auth/`` → ``{"enabled": bool}`` and ``POST /auth/token`` (form ``username``, ``password``,
   ``grant_type=password``) → ``{access_token, token_type: "bearer"}``; both open, every other route needs auth.
 
+Prompted models (DB-SAM, SAM-UNet) are listed with type ``deepgrow``: ``params`` carries Slicer's ``foreground`` /
+``background`` clicks (voxel indices ``[[i, j, k], ...]``) or medseg's ``prompts`` object; without either the
+answer is 422.
+
 Sessions, training and active learning are not offered (``trainers``/``strategies`` are empty, ``session_id`` is
 ignored). Inference runs in the threadpool under the model's lock; upload size and voxel caps come from the settings.
 """
@@ -40,9 +44,11 @@ from fastapi.responses import FileResponse, Response
 from monai.data import MetaTensor
 
 import medseg
+from medseg.inference.prompts import Prompts
 from medseg.io import load_image, save_mask
 from server.datastore import FINAL_TAG, STORE_SUFFIXES, Datastore, check_id, store_suffix
 from server.errors import ApiError
+from server.prompts import check_prompts
 from server.security import check_password, require_auth
 from server.settings import Settings
 from server.uploads import Upload, check_voxels, client_filename, open_image, receive_upload
@@ -203,6 +209,24 @@ async def auth_token(
     return {"access_token": token, "token_type": "bearer", "expires_in": settings.token_ttl_s}
 
 
+def _prompts_from_params(opts: dict[str, Any]) -> Prompts | None:
+    """Prompts of a prompted model from the ``params`` JSON: medseg's ``prompts`` object, or the ``foreground`` /
+    ``background`` click lists ``[[i, j, k], ...]`` (voxel indices) that Slicer sends to deepgrow-type models."""
+    if opts.get("prompts") is not None:
+        return Prompts.from_json(opts["prompts"])
+    clicks = {1: opts.get("foreground") or [], 0: opts.get("background") or []}
+    if not clicks[1] and not clicks[0]:
+        return None
+    points = []
+    for label, values in clicks.items():
+        if not isinstance(values, list) or not all(isinstance(v, list) for v in values):
+            raise ApiError(
+                422, "BadParams", "foreground / background must be lists of [i, j, k] points", hint="[[40, 52, 12]]"
+            )
+        points += [[*v, label] for v in values]
+    return Prompts.from_json({"space": "voxel", "points": points})
+
+
 # ---- info ---------------------------------------------------------------------------------------------------------
 @_protected.get("/info/")
 async def info(request: Request) -> dict[str, Any]:
@@ -217,7 +241,8 @@ async def info(request: Request) -> dict[str, Any]:
         labels += [n for n in fg if n not in labels]
         window = getattr(model, "window", None)
         models[name] = {
-            "type": "segmentation",
+            # Prompted models take Slicer's foreground / background clicks like MONAI Label's deepgrow models.
+            "type": "deepgrow" if card.needs_prompts else "segmentation",
             "labels": fg,
             "dimension": 3,
             "description": f"{card.name} ({card.in_channels} channel(s) in, {len(fg)} label(s) out)"
@@ -247,7 +272,7 @@ async def infer(
     session_id: str | None = Query(None, description="accepted and ignored: sessions are not offered"),
     params: str | None = Form(None, description="JSON object: result_extension, result_dtype, client_id, tta"),
     file: UploadFile | None = File(None, description="the image; its filename may be the full local path"),
-    label: UploadFile | None = File(None, description="accepted and ignored (no interactive models)"),
+    label: UploadFile | None = File(None, description="accepted and ignored (no label-conditioned models)"),
 ) -> Response:
     """Segment the uploaded ``file`` (or datastore image ``image``); reply multipart ``params`` + ``image``."""
     settings = _settings(request)
@@ -259,6 +284,8 @@ async def infer(
     tta = opts.get("tta")
     if tta is not None and not isinstance(tta, bool):
         raise ApiError(422, "BadParams", f"tta is {type(tta).__name__}", hint="send true or false")
+    prompts = _prompts_from_params(opts)
+    check_prompts(model, segmenter.card, prompts)
     if image:
         check_id(image)
     datastore = _datastore(request)
@@ -287,7 +314,10 @@ async def infer(
                 raise ApiError(503, "Busy", f"model {model!r} is busy", headers={"Retry-After": "10"})
             try:
                 t1 = time.perf_counter()
-                prediction = segmenter.predict(volume, tta=tta)
+                if prompts is not None:
+                    prediction = segmenter.predict(volume, tta=tta, prompts=prompts)
+                else:
+                    prediction = segmenter.predict(volume, tta=tta)
                 t2 = time.perf_counter()
             finally:
                 lock.release()

@@ -13,8 +13,14 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
+    from medseg.models import get_card
+    from medseg.training.losses import LOSSES
+
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig)
+    get_card(cfg.model.name)  # the model exists
+    if cfg.train.loss is not None:
+        LOSSES.get(cfg.train.loss)
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:

@@ -104,3 +104,17 @@ def test_job_with_prompts_completes(client: TestClient, shapes_2d: Path) -> None
     assert result.status_code == 200 and result.json()["label_names"] == ["background", "object_1"]
     missing = client.post("/v1/jobs", files={"file": png(shapes_2d)}, data={"model": "sam"}, headers=KEY)
     assert missing.status_code == 422 and "needs a box" in missing.json()["detail"]
+
+
+def test_monailabel_infer_takes_slicer_clicks(client: TestClient, shapes_2d: Path) -> None:
+    info = client.get("/info/", headers=KEY).json()
+    assert info["models"]["sam"]["type"] == "deepgrow" and info["models"]["tiny"]["type"] == "segmentation"
+    params = {"foreground": [[30, 24, 0]], "background": [[3, 3, 0]], "result_extension": ".nii.gz"}
+    r = client.post("/infer/sam", files={"file": png(shapes_2d)}, data={"params": json.dumps(params)}, headers=KEY)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("multipart/form-data")
+    boxed = {"prompts": BOX}
+    assert client.post("/infer/sam", files={"file": png(shapes_2d)}, data={"params": json.dumps(boxed)},
+                       headers=KEY).status_code == 200  # fmt: skip
+    r = client.post("/infer/sam", files={"file": png(shapes_2d)}, data={"params": "{}"}, headers=KEY)
+    assert r.status_code == 422 and "needs a box" in r.json()["detail"]
