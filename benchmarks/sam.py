@@ -30,6 +30,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def fine_tune(name: str, init: str, minutes: float, work: Path) -> dict:
             model.load_pretrained(ckpt)
         return model
 
+    for stale in (work / f"{name}_{init}_probe", work / f"{name}_{init}"):  # runs of an earlier invocation
+        shutil.rmtree(stale, ignore_errors=True)
     # Time steps 3..6 of a probe run, then give the real run the step count that fits the budget.
     stamps: list[float] = []
     probe_cfg = base.updated({"train": {"epochs": 1, "iters_per_epoch": 6}})
