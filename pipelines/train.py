@@ -79,24 +79,11 @@ def train(req: TrainRequest) -> TrainResult:
         )
     label_names = resolve_label_names(manifest)
     card = get_card(cfg.model.name)
-    if card.needs_prompts:
-        return _train_prompted(req, cfg, manifest, run_dir, label_names)
-    roi = tuple(cfg.model.roi_size or card.roi_size)
-    bad_axes = [i for i, (r, d) in enumerate(zip(roi, card.divisible_by, strict=False)) if r % d]
-    if bad_axes:
-        raise ConfigError(
-            f"model.roi_size {roi} is not divisible by {card.divisible_by} on axes {bad_axes}",
-            hint=f"choose a roi_size whose axes are multiples of {card.divisible_by}",
-        )
-    cfg = cfg.updated({"model": {"roi_size": list(roi)}, "data": {"preset": cfg.data.preset or card.intensity_preset}})
     set_determinism(seed=cfg.train.seed)
-    model = create_model(
-        cfg.model.name,
-        in_channels=len(manifest.channel_names),
-        label_names=label_names,
-        roi_size=roi,
-        **cfg.model.kwargs,
-    )
+    if card.needs_prompts:
+        model, cfg = _prompted_model(cfg, manifest)
+    else:
+        model, cfg = _dense_model(cfg, manifest, label_names)
     train_cases, val_cases = split_cases(manifest.cases, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     with log_to_file(run_dir.log):
@@ -106,28 +93,61 @@ def train(req: TrainRequest) -> TrainResult:
                 fh.write(cfg.to_yaml())
             run_dir.write_json(run_dir.card, model.card.to_dict())
         logger.info(
-            "training %s on %s: %d training / %d validation cases, labels %s, roi %s, run dir %s",
+            "training %s%s on %s: %d training / %d validation cases, labels %s, roi %s, run dir %s",
             cfg.model.name,
+            " (box prompts)" if card.needs_prompts else "",
             manifest.root,
             len(train_cases),
             len(val_cases),
             label_names,
-            roi,
+            model.card.roi_size,
             run_dir.root,
         )
+        cases = [c.as_dict() for c in train_cases], [c.as_dict() for c in val_cases]
         with StepProgress("training", enabled=req.show_progress) as progress:
-            trainer = Trainer(
-                cfg,
-                model,
-                [c.as_dict() for c in train_cases],
-                [c.as_dict() for c in val_cases],
-                run_dir.root,
-                progress=progress.update,
-            )
+            if card.needs_prompts:
+                trainer = PromptTrainer(cfg, model, *cases, run_dir.root, label_names, progress=progress.update)
+            else:
+                trainer = Trainer(cfg, model, *cases, run_dir.root, progress=progress.update)
             if req.resume:
                 trainer.resume()
             result = trainer.fit()
     return result
+
+
+def _dense_model(
+    cfg: ExperimentConfig, manifest: Manifest, label_names: tuple[str, ...]
+) -> tuple[nn.Module, ExperimentConfig]:
+    """A network predicting every label of the dataset at once, with the config's ROI checked against its card."""
+    card = get_card(cfg.model.name)
+    roi = tuple(cfg.model.roi_size or card.roi_size)
+    bad_axes = [i for i, (r, d) in enumerate(zip(roi, card.divisible_by, strict=False)) if r % d]
+    if bad_axes:
+        raise ConfigError(
+            f"model.roi_size {roi} is not divisible by {card.divisible_by} on axes {bad_axes}",
+            hint=f"choose a roi_size whose axes are multiples of {card.divisible_by}",
+        )
+    cfg = cfg.updated({"model": {"roi_size": list(roi)}, "data": {"preset": cfg.data.preset or card.intensity_preset}})
+    model = create_model(
+        cfg.model.name,
+        in_channels=len(manifest.channel_names),
+        label_names=label_names,
+        roi_size=roi,
+        **cfg.model.kwargs,
+    )
+    return model, cfg
+
+
+def _prompted_model(cfg: ExperimentConfig, manifest: Manifest) -> tuple[nn.Module, ExperimentConfig]:
+    """A promptable 2D model: one logit per box prompt, trained on (slice, label) prompts of every labelled case."""
+    if manifest.num_channels not in (1, 3):
+        raise ConfigError(
+            f"model {cfg.model.name!r} takes grey (1 channel) or RGB (3 channel) images; dataset {manifest.root} has "
+            f"{manifest.num_channels} channels {list(manifest.channel_names)}",
+            hint="train a prompted model on one channel (e.g. a dataset with only the T1 images)",
+        )
+    model = create_model(cfg.model.name, **cfg.model.kwargs)
+    return model, cfg.updated({"model": {"roi_size": list(model.card.roi_size)}})
 
 
 def load_pretrained(model: nn.Module, cfg: ExperimentConfig) -> None:
@@ -143,52 +163,3 @@ def load_pretrained(model: nn.Module, cfg: ExperimentConfig) -> None:
         )
     loader(Path(path), sha256=cfg.model.pretrained_sha256)
     logger.info("loaded pretrained weights from %s", path)
-
-
-def _train_prompted(
-    req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest, run_dir: RunDir, label_names: tuple[str, ...]
-) -> TrainResult:
-    """Promptable 2D models: one logit per box prompt, trained on (slice, label) prompts of every labelled case."""
-    if not [c for c in manifest.cases if c.label is not None]:
-        raise DataError(f"dataset {manifest.root} has no labelled case", hint="prompted training needs masks")
-    if manifest.num_channels not in (1, 3):
-        raise ConfigError(
-            f"model {cfg.model.name!r} takes grey (1 channel) or RGB (3 channel) images; dataset {manifest.root} has "
-            f"{manifest.num_channels} channels {list(manifest.channel_names)}",
-            hint="train a prompted model on one channel (e.g. a dataset with only the T1 images)",
-        )
-    set_determinism(seed=cfg.train.seed)
-    model = create_model(cfg.model.name, **cfg.model.kwargs)
-    cfg = cfg.updated({"model": {"roi_size": list(model.card.roi_size)}})
-    train_cases, val_cases = split_cases(manifest.cases, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    with log_to_file(run_dir.log):
-        if not req.resume:
-            load_pretrained(model, cfg)
-            with atomic_open(run_dir.config) as fh:
-                fh.write(cfg.to_yaml())
-            run_dir.write_json(run_dir.card, model.card.to_dict())
-        logger.info(
-            "training %s (box prompts) on %s: %d training / %d validation cases, labels %s, input %s, run dir %s",
-            cfg.model.name,
-            manifest.root,
-            len(train_cases),
-            len(val_cases),
-            label_names,
-            model.card.roi_size,
-            run_dir.root,
-        )
-        with StepProgress("training", enabled=req.show_progress) as progress:
-            trainer = PromptTrainer(
-                cfg,
-                model,
-                [c.as_dict() for c in train_cases],
-                [c.as_dict() for c in val_cases],
-                run_dir.root,
-                label_names=label_names,
-                progress=progress.update,
-            )
-            if req.resume:
-                trainer.resume()
-            result = trainer.fit()
-    return result

@@ -92,3 +92,86 @@ def check_input(
             expected=rule,
             hint=f"pad or crop the input, e.g. pad to {padded} (sliding-window inference does this for you)",
         )
+
+
+PROMPT_SHAPES = "boxes (B, 4) and / or points ((B, N, 2), (B, N)) in pixels of the model input"
+
+
+def check_prompts(
+    batch: int,
+    boxes: Tensor | None,
+    points: tuple[Tensor, Tensor] | None,
+    *,
+    name: str,
+    required: bool = True,
+) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """Raise ``ModelInputError`` unless box / point prompts fit a batch of ``batch`` images.
+
+    Args:
+        batch: number of images ``B``.
+        boxes: ``(B, 4)`` as ``(x0, y0, x1, y1)`` pixels of the model input, or ``None``.
+        points: ``(coords (B, N, 2), labels (B, N))`` with ``(x, y)`` pixels and labels 1 / 0 (-1 padding), or ``None``.
+        name: the model's name, used as the message prefix.
+        required: at least one of ``boxes`` / ``points`` must be given.
+
+    Returns:
+        ``(boxes, points)`` with ``points`` as a tuple.
+    """
+    if required and boxes is None and points is None:
+        raise ModelInputError(
+            f"{name}: no prompt given",
+            expected=PROMPT_SHAPES,
+            hint="pass boxes=... (x0, y0, x1, y1) or points=(coords, labels) by keyword",
+        )
+    if boxes is not None and (not isinstance(boxes, Tensor) or tuple(boxes.shape) != (batch, 4)):
+        got = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ModelInputError(
+            f"{name}: boxes have shape {got} for a batch of {batch}",
+            expected=f"boxes ({batch}, 4) as (x0, y0, x1, y1), one box per image",
+        )
+    if points is not None:
+        ok = isinstance(points, tuple | list) and len(points) == 2 and all(isinstance(p, Tensor) for p in points)
+        if ok:
+            coords, labels = points
+            ok = (
+                coords.ndim == 3
+                and coords.shape[0] == batch
+                and coords.shape[1] > 0
+                and coords.shape[2] == 2
+                and tuple(labels.shape) == tuple(coords.shape[:2])
+            )
+        if not ok:
+            got = (
+                tuple(tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__ for p in points)
+                if isinstance(points, tuple | list)
+                else type(points).__name__
+            )
+            raise ModelInputError(
+                f"{name}: points are {got} for a batch of {batch}",
+                expected=f"points (({batch}, N, 2), ({batch}, N)): (x, y) coordinates and labels 1 / 0",
+            )
+        points = (points[0], points[1])
+    return boxes, points
+
+
+def check_prompted_input(
+    x: Tensor, *, name: str, size: int, boxes: Tensor | None, points: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """The prompted-model contract: ``x (B, 3, S, S)`` with ``S = size`` and at least one well-shaped prompt.
+
+    Returns:
+        ``boxes`` in ``x``'s dtype and ``points`` as ``(coords in x's dtype, labels int64)``.
+    """
+    check_input(x, name=name, in_channels=3, spatial_dims=2, divisible_by=(16, 16))
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        raise ModelInputError(
+            f"{name}: input is {h}x{w}, expected {size}x{size}",
+            hint=f"the prompted predictor resizes the longest side to {size} and pads",
+        )
+    boxes, points = check_prompts(x.shape[0], boxes, points, name=name)
+    if boxes is not None:
+        boxes = boxes.to(x.dtype)
+    if points is not None:
+        points = (points[0].to(x.dtype), points[1].to(torch.int64))
+    return boxes, points

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
 from medseg.models.checkpoint import load_state_dict_checked
-from medseg.models.checks import check_input
+from medseg.models.checks import check_input, check_prompts
 from medseg.models.layers.sam_decoder import MaskDecoder, PromptEncoder, TwoWayTransformer
 from medseg.models.layers.sam_encoder import ImageEncoderViT
 
@@ -134,6 +134,46 @@ class SamConfig:
 
 
 VIT_B = SamConfig()
+
+
+def prompted_sam_config(
+    name: str,
+    in_channels: int,
+    out_channels: int,
+    *,
+    img_size: int,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    global_attn_indexes: Sequence[int],
+    window_size: int,
+    prompt_embed_dim: int,
+    decoder_mlp_dim: int,
+    decoder_heads: int,
+) -> SamConfig:
+    """The SAM core configuration of a promptable zoo model (``db_sam``, ``sam_unet_*``) from its builder keywords.
+
+    Raises:
+        ConfigError: ``in_channels != 3`` or ``out_channels != 1`` (RGB in, one mask per prompt out), or an
+            inconsistent geometry.
+    """
+    if in_channels != 3 or out_channels != 1:
+        raise ConfigError(
+            f"{name}: in_channels={in_channels}, out_channels={out_channels}",
+            expected="in_channels=3 and out_channels=1",
+            hint="SAM models take RGB-replicated input (repeat a grey channel 3 times) and return one mask per prompt",
+        )
+    return SamConfig(
+        img_size=int(img_size),
+        embed_dim=int(embed_dim),
+        depth=int(depth),
+        num_heads=int(num_heads),
+        global_attn_indexes=tuple(int(i) for i in global_attn_indexes),
+        window_size=int(window_size),
+        prompt_embed_dim=int(prompt_embed_dim),
+        decoder_mlp_dim=int(decoder_mlp_dim),
+        decoder_heads=int(decoder_heads),
+    )
 
 
 class SamCore(nn.Module):
@@ -276,29 +316,7 @@ def _check_prompts(
     masks: Tensor | None,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None, Tensor | None]:
     """Raise ``ModelInputError`` unless the prompts fit a batch of ``b`` images with an ``(h, w)`` embedding grid."""
-    if boxes is not None:
-        if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (b, 4):
-            shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-            raise ModelInputError(
-                f"sam: boxes have shape {shape}",
-                expected=f"one box per image, shape ({b}, 4) as (x0, y0, x1, y1) pixels",
-            )
-    if points is not None:
-        if not (isinstance(points, tuple | list) and len(points) == 2):
-            raise ModelInputError(
-                "sam: points is not a (coords, labels) pair", expected="(coords (B, N, 2), labels (B, N))"
-            )
-        coords, labels = points
-        ok = isinstance(coords, Tensor) and isinstance(labels, Tensor)
-        if not ok or coords.ndim != 3 or coords.shape[0] != b or coords.shape[2] != 2:
-            shape = tuple(coords.shape) if isinstance(coords, Tensor) else type(coords).__name__
-            raise ModelInputError(f"sam: point coordinates have shape {shape}", expected=f"({b}, N, 2) (x, y) pixels")
-        if tuple(labels.shape) != tuple(coords.shape[:2]):
-            raise ModelInputError(
-                f"sam: point labels have shape {tuple(labels.shape)}",
-                expected=f"{tuple(coords.shape[:2])}, one label per point (1 fg, 0 bg, -1 padding)",
-            )
-        points = (coords, labels)
+    boxes, points = check_prompts(b, boxes, points, name="sam", required=False)
     if masks is not None:
         want = (b, 1, 4 * grid[0], 4 * grid[1])
         if not isinstance(masks, Tensor) or tuple(masks.shape) != want:

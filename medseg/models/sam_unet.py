@@ -52,14 +52,21 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from torch import Tensor, nn
 
-from medseg.core.errors import ConfigError, ModelInputError, WeightsError
+from medseg.core.errors import ConfigError, WeightsError
 from medseg.models.card import ModelCard
 from medseg.models.checkpoint import load_state_dict_checked
-from medseg.models.checks import check_input
+from medseg.models.checks import check_prompted_input
 from medseg.models.layers.sam_decoder import MLP
 from medseg.models.layers.sam_encoder import LayerNorm2d
 from medseg.models.registry import register_model
-from medseg.models.sam import SamConfig, SamCore, read_sam_checkpoint, resize_sam_state_dict, split_sam_state_dict
+from medseg.models.sam import (
+    SamConfig,
+    SamCore,
+    prompted_sam_config,
+    read_sam_checkpoint,
+    resize_sam_state_dict,
+    split_sam_state_dict,
+)
 
 __all__ = ["Reshaper", "SAMUNet", "sam_unet_r34", "sam_unet_r50"]
 
@@ -315,45 +322,6 @@ class SAMUNet(nn.Module):
         multi_scale = self.embedding_encoder(embeddings) + bridged[0] + bridged[1] + bridged[2]
         return embeddings, multi_scale
 
-    def _check_prompts(
-        self, batch: int, boxes: Tensor | None, points: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
-        shapes = "boxes (B, 4) and / or points ((B, N, 2), (B, N)) in pixels of the model input"
-        if boxes is None and points is None:
-            raise ModelInputError(
-                f"{self.name}: no prompt given",
-                expected=shapes,
-                hint="pass boxes=... (x0, y0, x1, y1) or points=(coords, labels) by keyword",
-            )
-        if boxes is not None and (not isinstance(boxes, Tensor) or boxes.ndim != 2 or tuple(boxes.shape) != (batch, 4)):
-            got = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-            raise ModelInputError(
-                f"{self.name}: boxes have shape {got} for a batch of {batch}",
-                expected=f"boxes ({batch}, 4) as (x0, y0, x1, y1), one box per image",
-            )
-        if points is not None:
-            ok = isinstance(points, tuple | list) and len(points) == 2 and all(isinstance(p, Tensor) for p in points)
-            if ok:
-                coords, labels = points
-                ok = (
-                    coords.ndim == 3
-                    and coords.shape[0] == batch
-                    and coords.shape[2] == 2
-                    and tuple(labels.shape) == tuple(coords.shape[:2])
-                    and coords.shape[1] > 0
-                )
-            if not ok:
-                got = (
-                    tuple(tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__ for p in points)
-                    if isinstance(points, tuple | list)
-                    else type(points).__name__
-                )
-                raise ModelInputError(
-                    f"{self.name}: points are {got} for a batch of {batch}",
-                    expected=f"points (({batch}, N, 2), ({batch}, N)): (x, y) coordinates and labels 1 / 0",
-                )
-        return boxes, points
-
     def forward(self, x: Tensor, *, boxes: Tensor | None = None, points: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Segment the prompted object of each image.
 
@@ -369,19 +337,8 @@ class SAMUNet(nn.Module):
         Raises:
             ModelInputError: wrong input shape or size, no prompt, or wrongly shaped prompts.
         """
-        check_input(x, name=self.name, in_channels=3, spatial_dims=2, divisible_by=(PATCH_SIZE, PATCH_SIZE))
         s = self.img_size
-        h, w = x.shape[-2:]
-        if (h, w) != (s, s):
-            raise ModelInputError(
-                f"{self.name}: input is {h}x{w}, expected {s}x{s}",
-                hint=f"the prompted predictor resizes the longest side to {s} and pads",
-            )
-        boxes, points = self._check_prompts(x.shape[0], boxes, points)
-        if boxes is not None:
-            boxes = boxes.to(x.dtype)
-        if points is not None:
-            points = (points[0].to(x.dtype), points[1].to(torch.int64))
+        boxes, points = check_prompted_input(x, name=self.name, size=s, boxes=boxes, points=points)
         embeddings, multi_scale = self.encode(x)
         sparse, dense = self.prompt_encoder(points, boxes, None)
         low_res = self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multi_scale)
@@ -579,22 +536,19 @@ def _build(
     resnet_layers: Sequence[int],
     resnet_inplanes: Sequence[int],
 ) -> SAMUNet:
-    if in_channels != 3 or out_channels != 1:
-        raise ConfigError(
-            f"{name}: in_channels={in_channels}, out_channels={out_channels}",
-            expected="in_channels=3 and out_channels=1",
-            hint="SAM models take RGB-replicated input (repeat a grey channel 3 times) and return one mask per prompt",
-        )
-    config = SamConfig(
-        img_size=int(img_size),
-        embed_dim=int(embed_dim),
-        depth=int(depth),
-        num_heads=int(num_heads),
-        global_attn_indexes=tuple(int(i) for i in global_attn_indexes),
-        window_size=int(window_size),
-        prompt_embed_dim=int(prompt_embed_dim),
-        decoder_mlp_dim=int(decoder_mlp_dim),
-        decoder_heads=int(decoder_heads),
+    config = prompted_sam_config(
+        name,
+        in_channels,
+        out_channels,
+        img_size=img_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        global_attn_indexes=global_attn_indexes,
+        window_size=window_size,
+        prompt_embed_dim=prompt_embed_dim,
+        decoder_mlp_dim=decoder_mlp_dim,
+        decoder_heads=decoder_heads,
     )
     return SAMUNet(name, config, resnet_block, resnet_layers, resnet_inplanes)
 

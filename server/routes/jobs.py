@@ -70,6 +70,12 @@ async def create_job(
         image = await run_in_threadpool(open_image, upload, settings)
         if prompts is not None:
             prompts.to_voxel(image.affine, tuple(image.shape[1:]))  # out-of-image prompts fail now, not in the job
+            if image.shape[0] not in (1, 3):
+                raise ModelInputError(
+                    f"{upload.filename} has {image.shape[0]} channels but prompted model {name!r} takes grey (1) or "
+                    "RGB (3) images",
+                    hint="send one channel of the study",
+                )
         elif image.shape[0] != model.card.in_channels:
             raise ModelInputError(
                 f"{upload.filename} has {image.shape[0]} channel(s) but model {name!r} takes {model.card.in_channels}",

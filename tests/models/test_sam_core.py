@@ -294,7 +294,7 @@ def test_bad_inputs_raise(tiny_model: SamCore) -> None:
         tiny_model(torch.randn(2, 3, 60, 64))
     with pytest.raises(ModelInputError, match="boxes"):
         tiny_model(x, boxes=torch.zeros(1, 4))
-    with pytest.raises(ModelInputError, match="labels"):
+    with pytest.raises(ModelInputError, match="points are"):
         tiny_model(x, points=(torch.zeros(2, 3, 2), torch.zeros(2, 2)))
     with pytest.raises(ModelInputError, match="mask prompt"):
         tiny_model(x, masks=torch.zeros(2, 1, 64, 64))

@@ -226,7 +226,9 @@ def test_limits_answer_413_and_503(limited: TestClient) -> None:
     ok = {"file": ("a.nii.gz", nifti_bytes(zeros=True))}  # 32,256 voxels > 30,000
     assert_error(limited.post("/v1/models/tiny/predict", files=ok), 413, "TooManyVoxels")
     small = {"file": ("s.nii.gz", nifti_bytes(shape=(16, 16, 16), zeros=True))}
-    r = limited.post("/v1/models/tiny/predict", files=small)
+    lock = limited.app.state.models.locks["tiny"]
+    with lock:  # the model is busy: the 1 ms synchronous limit passes while the request waits for it
+        r = limited.post("/v1/models/tiny/predict", files=small)
     assert_error(r, 503, "Timeout")
     assert r.headers["retry-after"] and "/v1/jobs" in r.json()["hint"]
 
