@@ -1,7 +1,8 @@
 """Turning a :class:`medseg.inference.Prediction` into the answer a client asked for.
 
 ``nifti`` (``.nii.gz``), ``nrrd`` (``.nrrd``, what 3D Slicer loads natively), ``dicom-seg`` (``.dcm``, a BINARY SEG
-referencing the uploaded series; only for DICOM input) and ``json`` (label statistics). The files are written by the
+referencing the uploaded series; only for DICOM input), ``png`` (label values, for one-slice 2D inputs) and ``json``
+(label statistics). The files are written by the
 library (:func:`medseg.io.save_mask`, :func:`medseg.io.dicom_seg.write_dicom_seg`) on the input's exact grid. Every
 answer carries ``Content-Length``, ``Content-Disposition: attachment; filename=...`` and the label names as a JSON
 list in ``X-Label-Names``; the json body holds them too.
@@ -35,6 +36,7 @@ OUTPUTS: dict[OutputFormat, OutputKind] = {
     OutputFormat.nrrd: OutputKind(".nrrd", "application/octet-stream"),
     OutputFormat.dicom_seg: OutputKind(".dcm", "application/dicom"),
     OutputFormat.json: OutputKind(".json", "application/json"),
+    OutputFormat.png: OutputKind(".png", "image/png"),
 }
 
 

@@ -9,12 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class OutputFormat(StrEnum):
-    """What ``predict`` and jobs return: a mask file (NIfTI, NRRD, DICOM SEG) or label statistics (JSON)."""
+    """What ``predict`` and jobs return: a mask file (NIfTI, NRRD, DICOM SEG, PNG for 2D images) or label
+    statistics (JSON)."""
 
     nifti = "nifti"
     nrrd = "nrrd"
     dicom_seg = "dicom-seg"
     json = "json"
+    png = "png"
 
 
 class JobState(StrEnum):

@@ -46,7 +46,9 @@ async def create_job(
     output_f: OutputFormat | None = Form(None, alias="output"),
     tta_f: bool | None = Form(None, alias="tta"),
     model_q: str | None = Query(None, alias="model"),
-    output_q: OutputFormat | None = Query(None, alias="output", description="nifti (default), nrrd, dicom-seg, json"),
+    output_q: OutputFormat | None = Query(
+        None, alias="output", description="nifti (default), nrrd, dicom-seg, json, png (2D)"
+    ),
     tta_q: bool | None = Query(None, alias="tta"),
     prompts_f: str | None = Form(None, alias="prompts", description=PROMPTS_DESCRIPTION),
     prompts_q: str | None = Query(None, alias="prompts"),

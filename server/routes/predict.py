@@ -120,6 +120,7 @@ _FILE_RESPONSES = {
     "content": {
         OUTPUTS[OutputFormat.nifti].media_type: {},
         OUTPUTS[OutputFormat.dicom_seg].media_type: {},
+        OUTPUTS[OutputFormat.png].media_type: {},
         "application/json": {"schema": PredictStats.model_json_schema()},
     },
     "description": f"the mask file (label names as a JSON list in `{LABEL_HEADER}`), or the label statistics",
@@ -137,7 +138,9 @@ async def predict(
     name: str,
     request: Request,
     file: UploadFile = File(..., description="NIfTI/NRRD/MHA/PNG/TIFF/2D DICOM image, or a .zip of one DICOM series"),
-    output_q: OutputFormat | None = Query(None, alias="output", description="nifti (default), nrrd, dicom-seg, json"),
+    output_q: OutputFormat | None = Query(
+        None, alias="output", description="nifti (default), nrrd, dicom-seg, json, png (2D)"
+    ),
     tta_q: bool | None = Query(None, alias="tta", description="flip test-time augmentation (default: the run's)"),
     output_f: OutputFormat | None = Form(None, alias="output"),
     tta_f: bool | None = Form(None, alias="tta"),

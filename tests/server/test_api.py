@@ -194,7 +194,7 @@ BAD = {
     "non-image bytes": ({"file": ("bad.nrrd", b"hello, not an image")}, {}, 422, "DataError"),
     "empty file": ({"file": ("empty.nii.gz", b"")}, {}, 422, "EmptyUpload"),
     "two channels": ({"file": ("two.nii.gz", nifti_bytes(channels=2))}, {}, 422, "ModelInputError"),
-    "bad output": ({"file": ("a.nii.gz", nifti_bytes())}, {"output": "png"}, 422, "ValidationError"),
+    "bad output": ({"file": ("a.nii.gz", nifti_bytes())}, {"output": "gif"}, 422, "ValidationError"),
     "dicom-seg for nifti": ({"file": ("a.nii.gz", nifti_bytes())}, {"output": "dicom-seg"}, 422, "DicomSegNeedsDicom"),
     "missing file field": ({"other": ("a.nii.gz", b"x")}, {}, 422, "ValidationError"),
 }

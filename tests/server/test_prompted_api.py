@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import shutil
 import time
@@ -61,6 +62,23 @@ def test_predict_png_with_a_box_prompt(client: TestClient, shapes_2d: Path) -> N
         headers=KEY,
     )
     assert r.status_code == 200 and set(r.json()["labels"]) == {"lesion"}
+    r = client.post(
+        "/v1/models/sam/predict",
+        files={"file": png(shapes_2d)},
+        data={"prompts": json.dumps(BOX), "output": "png"},
+        headers=KEY,
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert r.headers["content-disposition"] == 'attachment; filename="img_00_seg.png"'
+    assert np.asarray(Image.open(io.BytesIO(r.content))).shape == (rows, cols)
+
+
+def test_png_output_of_a_volume_is_a_clear_422(client: TestClient) -> None:
+    from tests.server.test_api import nifti_bytes
+
+    r = client.post("/v1/models/tiny/predict", files={"file": ("v.nii.gz", nifti_bytes())}, data={"output": "png"},
+                    headers=KEY)  # fmt: skip
+    assert r.status_code == 422 and "one 2D slice" in r.json()["detail"] + r.json()["hint"], r.text
 
 
 @pytest.mark.parametrize(
