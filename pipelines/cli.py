@@ -62,8 +62,12 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.pt.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     pretrained: Annotated[
-        Path | None,
-        typer.Option("--pretrained", help="Local weights to start from (SAM models: sam_vit_b_01ec64.pth)."),
+        list[Path] | None,
+        typer.Option(
+            "--pretrained",
+            help="Local weights to start from, repeatable (SAM models: sam_vit_b_01ec64.pth; sam_unet_*: also an "
+            "ImageNet ResNet file).",
+        ),
     ] = None,
 ) -> None:
     """Train a model on a dataset folder into a run directory (prompted SAM models train on box prompts)."""
@@ -72,7 +76,8 @@ def train(
 
     if model is None and config is None:
         model = "segformer3d"
-    result = run_train(TrainRequest(data, model, config, epochs, out, resume, not no_progress, pretrained))
+    request = TrainRequest(data, model, config, epochs, out, resume, not no_progress, tuple(pretrained or ()))
+    result = run_train(request)
     best = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f} (epoch {result.best_epoch})"
     console.print(
         f"trained {result.epochs} epochs / {result.steps} steps in {result.seconds:.0f} s; best val mean Dice {best}"

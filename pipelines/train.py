@@ -33,7 +33,7 @@ class TrainRequest:
     out: Path | None = None
     resume: bool = False
     show_progress: bool = True
-    pretrained: Path | None = None
+    pretrained: tuple[Path, ...] = ()
 
 
 def resolve_config(req: TrainRequest) -> ExperimentConfig:
@@ -42,7 +42,7 @@ def resolve_config(req: TrainRequest) -> ExperimentConfig:
     cfg = cfg.updated(
         {
             "data": {"root": str(req.data)},
-            "model": {"name": req.model, "pretrained": str(req.pretrained) if req.pretrained else None},
+            "model": {"name": req.model, "pretrained": [str(p) for p in req.pretrained] or None},
             "train": {"epochs": req.epochs},
         }
     )
@@ -151,15 +151,17 @@ def _prompted_model(cfg: ExperimentConfig, manifest: Manifest) -> tuple[nn.Modul
 
 
 def load_pretrained(model: nn.Module, cfg: ExperimentConfig) -> None:
-    """Map ``model.pretrained`` (a local weights file) onto the network with the model's own loader."""
-    path = cfg.model.pretrained
-    if path is None:
+    """Map the ``model.pretrained`` files (local weights), in order, onto the network with the model's own loader."""
+    paths = cfg.model.pretrained
+    if not paths:
         return
     loader = getattr(model, "load_pretrained", None)
     if loader is None:
         raise ConfigError(
-            f"model {cfg.model.name!r} has no loader for pretrained weights ({path})",
+            f"model {cfg.model.name!r} has no loader for pretrained weights ({', '.join(map(str, paths))})",
             hint="drop --pretrained; the SAM models (db_sam, sam_unet_r50, sam_unet_r34) load sam_vit_b_01ec64.pth",
         )
-    loader(Path(path), sha256=cfg.model.pretrained_sha256)
-    logger.info("loaded pretrained weights from %s", path)
+    digests = cfg.model.pretrained_sha256 or (None,) * len(paths)
+    for path, digest in zip(paths, digests, strict=True):
+        loader(Path(path), sha256=digest)
+        logger.info("loaded pretrained weights from %s", path)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.core.errors import ConfigError
 
@@ -54,16 +54,33 @@ class ModelConfig(_Section):
         name: registry name (``medseg models`` lists them).
         roi_size: training patch / sliding-window size; ``None`` takes the card's.
         kwargs: builder keyword arguments.
-        pretrained: a local weights file the model's own loader maps onto the network before training (e.g. the
-            official SAM ViT-B checkpoint ``sam_vit_b_01ec64.pth`` for ``db_sam`` / ``sam_unet_*``).
-        pretrained_sha256: optional SHA-256 of ``pretrained``, checked before loading.
+        pretrained: local weights files the model's own loader maps onto the network before training, in order
+            (e.g. the official SAM ViT-B checkpoint ``sam_vit_b_01ec64.pth`` for ``db_sam`` / ``sam_unet_*``, plus an
+            ImageNet ResNet file for ``sam_unet_*``). A single path is accepted.
+        pretrained_sha256: optional SHA-256 digests, one per ``pretrained`` file, checked before loading.
     """
 
     name: str = "segformer3d"
     roi_size: tuple[int, ...] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    pretrained: Path | None = None
-    pretrained_sha256: str | None = None
+    pretrained: tuple[Path, ...] = ()
+    pretrained_sha256: tuple[str, ...] = ()
+
+    @field_validator("pretrained", "pretrained_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        return (v,) if isinstance(v, str | Path) else v
+
+    @model_validator(mode="after")
+    def _one_digest_per_file(self) -> ModelConfig:
+        if self.pretrained_sha256 and len(self.pretrained_sha256) != len(self.pretrained):
+            raise ValueError(
+                f"pretrained_sha256 has {len(self.pretrained_sha256)} digests for "
+                f"{len(self.pretrained)} pretrained files"
+            )
+        return self
 
 
 class TrainConfig(_Section):

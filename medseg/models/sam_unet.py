@@ -346,7 +346,10 @@ class SAMUNet(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- weights
     def load_pretrained(self, path: str | Path, sha256: str | None = None) -> None:
-        """Load the official SAM ViT-B checkpoint (``sam_vit_b_01ec64.pth``) with the paper's mapping.
+        """Load the official SAM ViT-B checkpoint (``sam_vit_b_01ec64.pth``) with the paper's mapping, or ImageNet
+        ResNet weights in torchvision's naming (recognised by their keys, see :meth:`load_resnet_weights`): the
+        paper's initialisation is both, e.g. ``medseg train DATA --model sam_unet_r50 --pretrained
+        sam_vit_b_01ec64.pth --pretrained resnet50.pth``.
 
         The position embedding and the global blocks' relative positions are bilinearly resized to the model's
         token grid; image encoder, prompt encoder, decoder transformer and output upscaling are loaded strictly.
@@ -360,6 +363,9 @@ class SAMUNet(nn.Module):
         Raises:
             WeightsError: unreadable file, digest mismatch, or keys / shapes that do not fit the model.
         """
+        if _holds_resnet_weights(Path(path)):
+            self.load_resnet_weights(path, sha256=sha256)
+            return
         state = resize_sam_state_dict(read_sam_checkpoint(path, sha256=sha256), self.config)
         parts = split_sam_state_dict(state)
         source = f"SAM checkpoint {path}"
@@ -517,6 +523,24 @@ _TINY: dict[str, Any] = {
     "resnet_layers": (1, 1, 1, 1),
     "resnet_inplanes": (4, 8, 16, 32),
 }
+
+
+def _holds_resnet_weights(path: Path) -> bool:
+    """Whether ``path`` looks like a torchvision ResNet state dict (``conv1.weight``, ``layer1.*``, no SAM keys).
+
+    Memory-maps the file, so the check costs no full read; anything unreadable answers False and is reported by the
+    SAM checkpoint reader.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the SAM reader raises the user-facing error for bad files
+        return False
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        return False
+    keys = {str(k).removeprefix("module.") for k in state}
+    return "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys)
 
 
 def _build(

@@ -324,3 +324,16 @@ def test_tiny_model_learns_boxed_discs(one_thread: None) -> None:
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.4 * sum(losses[:5]) / 5, losses
+
+
+def test_load_pretrained_recognises_a_resnet_file(tmp_path: Path) -> None:
+    """``--pretrained`` takes the SAM checkpoint and the ImageNet ResNet file alike: the keys say which is which."""
+    model = create_model("sam_unet_r50", **tiny_overrides("sam_unet_r50"))
+    state = {k: v.clone() for k, v in model.resnet.state_dict().items()}
+    torch.manual_seed(3)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    model.load_pretrained(path)
+    for key, value in model.resnet.state_dict().items():
+        torch.testing.assert_close(value, state[key])

@@ -120,3 +120,25 @@ def test_evaluate_prompts_with_reference_boxes(prompted_run: Path, shapes_2d: Pa
     assert set(report["per_label"]) == {"disc", "square"} and len(report["cases"]) == 6
     assert 0.0 <= report["mean_dice"] <= 1.0
     assert json.loads((tmp_path / "report.json").read_text())["mean_dice"] == report["mean_dice"]
+
+
+def test_train_with_several_pretrained_files(shapes_2d: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+    import yaml
+
+    from medseg.models import create_model, tiny_overrides
+    from tests.helpers import prompted_config
+
+    resnet = create_model("sam_unet_r34", **tiny_overrides("sam_unet_r34")).resnet.state_dict()
+    (tmp_path / "a.pth").write_bytes(b"")
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in resnet.items()}, tmp_path / "resnet.pth")
+    cfg = prompted_config(tmp_path / "c.yaml", epochs=1, iters_per_epoch=1, max_val_slices=2)
+    out = tmp_path / "run"
+    args = ["train", str(shapes_2d), "--config", str(cfg), "--out", str(out), "--no-progress"]
+    code, text = run_cli([*args, "--pretrained", str(tmp_path / "resnet.pth")], capsys, monkeypatch)
+    assert code == 0, text
+    saved = yaml.safe_load(RunDir(out).config.read_text())
+    assert saved["model"]["pretrained"] == [str(tmp_path / "resnet.pth")]
+    two = ["--pretrained", str(tmp_path / "resnet.pth"), "--pretrained", str(tmp_path / "a.pth")]
+    code, text = run_cli([*args[:4], "--out", str(tmp_path / "r2"), "--no-progress", *two], capsys, monkeypatch)
+    assert code == 1 and "a.pth" in text and "Traceback" not in text
