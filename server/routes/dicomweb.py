@@ -26,9 +26,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from medseg.core.registry import did_you_mean
+from medseg.inference.prompts import PROMPTS_JSON_EXAMPLE, Prompts
 from medseg.io import load_image
 from medseg.io.dicom_seg import write_dicom_seg
 from server.errors import ApiError
+from server.prompts import check_prompts
 from server.security import require_auth
 from server.settings import PacsSettings, Settings
 
@@ -66,6 +68,11 @@ class SegmentRequest(BaseModel):
     model: str = Field(min_length=1, max_length=128, description="model name (see GET /v1/models)")
     store: bool = Field(True, description="STOW-RS the SEG back to the PACS")
     tta: bool | None = Field(None, description="override the model's flip test-time augmentation")
+    prompts: dict[str, Any] | None = Field(
+        None,
+        description="prompted models only: boxes / points in voxel indices or RAS mm of the series, e.g. "
+        + PROMPTS_JSON_EXAMPLE,
+    )
 
 
 class SegmentResponse(BaseModel):
@@ -174,6 +181,8 @@ def _segment(request: Request, body: SegmentRequest) -> SegmentResponse:
     settings: Settings = request.app.state.settings
     store = request.app.state.models
     model = store.get(body.model)
+    prompts = Prompts.from_json(body.prompts) if body.prompts is not None else None
+    check_prompts(body.model, model.card, prompts)
     client = _client(body.pacs, _pacs(settings, body.pacs))
     found = _call(
         body.pacs,
@@ -197,7 +206,10 @@ def _segment(request: Request, body: SegmentRequest) -> SegmentResponse:
         image = load_image(folder, series_uid=body.series_uid)
         logger.info("PACS %s: series %s retrieved (%d instances, %s)", body.pacs, body.series_uid, n, image.shape)
         with store.locks[body.model]:
-            prediction = model.predict(image, tta=body.tta)
+            if prompts is not None:
+                prediction = model.predict(image, tta=body.tta, prompts=prompts)
+            else:
+                prediction = model.predict(image, tta=body.tta)
         seg = write_dicom_seg(
             prediction.mask,
             folder,

@@ -31,7 +31,11 @@ def client(prompted_run: Path, tiny_run: Path, tmp_path_factory: pytest.TempPath
     shutil.copytree(prompted_run, models / "sam")
     shutil.copytree(tiny_run, models / "tiny")
     settings = load_settings(
-        models_dir=models, data_dir=tmp_path_factory.mktemp("prompted-api"), api_keys=[API_KEY], device="cpu"
+        models_dir=models,
+        data_dir=tmp_path_factory.mktemp("prompted-api"),
+        api_keys=[API_KEY],
+        device="cpu",
+        pacs={"main": {"url": "http://127.0.0.1:9/dicom-web", "timeout_s": 2}},  # nothing listens on port 9
     )
     with TestClient(create_app(settings, models=ModelStore.load(models, "cpu")), raise_server_exceptions=False) as c:
         yield c
@@ -136,3 +140,13 @@ def test_monailabel_infer_takes_slicer_clicks(client: TestClient, shapes_2d: Pat
                        headers=KEY).status_code == 200  # fmt: skip
     r = client.post("/infer/sam", files={"file": png(shapes_2d)}, data={"params": "{}"}, headers=KEY)
     assert r.status_code == 422 and "needs a box" in r.json()["detail"]
+
+
+def test_dicomweb_checks_prompts_before_touching_the_pacs(client: TestClient) -> None:
+    body = {"pacs": "main", "study_uid": "1.2.3", "series_uid": "1.2.3.4", "model": "sam", "store": False}
+    r = client.post("/v1/dicomweb/segment", json=body, headers=KEY)
+    assert r.status_code == 422 and "needs a box" in r.json()["detail"], r.text
+    r = client.post("/v1/dicomweb/segment", json={**body, "prompts": {"boxes": [[1, 2, 3]]}}, headers=KEY)
+    assert r.status_code == 422 and "boxes" in r.json()["detail"], r.text
+    r = client.post("/v1/dicomweb/segment", json={**body, "prompts": BOX}, headers=KEY)
+    assert r.status_code == 502 and r.json()["error"] == "PacsUnreachable", "valid prompts go on to the PACS"
