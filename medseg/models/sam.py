@@ -20,9 +20,7 @@ This module registers no model: it is the building block of the zoo's SAM family
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from torch import Tensor, nn
 
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
-from medseg.models.checkpoint import load_state_dict_checked
+from medseg.models.checkpoint import load_state_dict_checked, read_weights_file
 from medseg.models.checks import check_input, check_prompts
 from medseg.models.layers.sam_decoder import MaskDecoder, PromptEncoder, TwoWayTransformer
 from medseg.models.layers.sam_encoder import ImageEncoderViT
@@ -62,7 +60,6 @@ _PART_NAMES = {"image_encoder": "image encoder", "prompt_encoder": "prompt encod
 # Image-encoder sizes of the released SAM checkpoints: (embed dim, blocks) -> name.
 _VARIANTS = {(768, 12): "ViT-B", (1024, 24): "ViT-L", (1280, 32): "ViT-H"}
 _VIT_B_HINT = "medseg's SAM models use the ViT-B checkpoint sam_vit_b_01ec64.pth (or a ViT-B fine-tune in its layout)"
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -424,14 +421,6 @@ def _list(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def read_sam_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, Tensor]:
     """Read and validate an official SAM ViT-B checkpoint (``sam_vit_b_01ec64.pth`` layout) on the CPU.
 
@@ -450,53 +439,7 @@ def read_sam_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str
             ViT-L / ViT-H checkpoint, or keys / shapes that differ from the official ViT-B layout.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(
-            f"SAM checkpoint {path} does not exist or is not a file",
-            expected="a local SAM ViT-B .pth file",
-            hint=_VIT_B_HINT,
-            path=path,
-        )
-    if sha256 is not None:
-        digest = _sha256(path)
-        if digest.lower() != sha256.lower():
-            raise WeightsError(
-                f"SAM checkpoint {path} has sha256 {digest}",
-                expected=f"sha256 {sha256}",
-                hint="the file is corrupt or not the one you meant; download it again",
-                path=path,
-            )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"cannot read {path} as a weights-only torch checkpoint ({first})",
-            expected="a state dict of tensors (torch.save(model.state_dict(), ...))",
-            hint="if you trust the file, re-save just its weights: torch.save(torch.load(f, weights_only=False)"
-            "['model'], 'weights.pth')",
-            path=path,
-        ) from None
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        found = _list(sorted(map(str, obj))) if isinstance(obj, Mapping) else type(obj).__name__
-        raise WeightsError(
-            f"{path} holds no SAM state dict (found {found or 'an empty dict'})",
-            expected="a bare state dict of tensors, or one under 'model' / 'state_dict'",
-            hint=_VIT_B_HINT,
-            path=path,
-        )
-    state: dict[str, Tensor] = {}
-    for key, value in obj.items():
-        key = str(key)
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[key] = value
+    state = read_weights_file(path, kind="SAM", sha256=sha256, containers=("model", "state_dict"), hint=_VIT_B_HINT)
     validate_sam_state_dict(state, source=f"SAM checkpoint {path}", path=path)
     return state
 

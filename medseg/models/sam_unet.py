@@ -38,10 +38,8 @@ Deviations and why:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,7 +52,12 @@ from torch import Tensor, nn
 
 from medseg.core.errors import ConfigError, WeightsError
 from medseg.models.card import ModelCard
-from medseg.models.checkpoint import load_state_dict_checked
+from medseg.models.checkpoint import (
+    load_state_dict_checked,
+    read_weights_file,
+    strip_wrapper_prefixes,
+    unwrap_state_dict,
+)
 from medseg.models.checks import check_prompted_input
 from medseg.models.layers.sam_decoder import MLP
 from medseg.models.layers.sam_encoder import LayerNorm2d
@@ -411,7 +414,7 @@ class SAMUNet(nn.Module):
             WeightsError: unreadable file, digest mismatch, keys outside the torchvision layout, or parameters of the
                 branch that the file does not cover / covers with another shape.
         """
-        raw = _read_state_dict(Path(path), sha256)
+        raw = read_weights_file(path, kind="ResNet", sha256=sha256, expected="a torchvision ResNet state dict")
         expected = self.resnet.state_dict()
         mapped: dict[str, Tensor] = {}
         foreign = []
@@ -450,38 +453,6 @@ class SAMUNet(nn.Module):
                 mapped[key] = value
         self.resnet.load_state_dict(mapped, strict=True)
         logger.info("%s: loaded %d ResNet tensors from %s", self.name, len(raw), path)
-
-
-def _read_state_dict(path: Path, sha256: str | None) -> dict[str, Tensor]:
-    """Read a weights-only torch file holding a state dict of tensors (``module.`` prefixes removed)."""
-    if not path.is_file():
-        raise WeightsError(f"ResNet weights {path} do not exist", hint="pass the path of a local .pth file", path=path)
-    if sha256 is not None:
-        hasher = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                hasher.update(chunk)
-        if hasher.hexdigest().lower() != sha256.lower():
-            raise WeightsError(
-                f"ResNet weights {path} have sha256 {hasher.hexdigest()}",
-                expected=f"sha256 {sha256}",
-                hint="the file is corrupt or not the one you meant; download it again",
-                path=path,
-            )
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise WeightsError(
-            f"cannot read {path} as a weights-only torch file ({first})",
-            expected="a state dict of tensors",
-            path=path,
-        ) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} holds no state dict of tensors", expected="a torchvision ResNet state dict")
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -535,11 +506,10 @@ def _holds_resnet_weights(path: Path) -> bool:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - the SAM reader raises the user-facing error for bad files
         return False
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
+    state = unwrap_state_dict(state, ("state_dict",))
     if not isinstance(state, Mapping):
         return False
-    keys = {str(k).removeprefix("module.") for k in state}
+    keys = {strip_wrapper_prefixes(str(k)) for k in state}
     return "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys)
 
 

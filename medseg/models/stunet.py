@@ -41,10 +41,8 @@ Deviations and why:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,7 @@ from torch import Tensor, nn
 
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
 from medseg.models.card import ModelCard
-from medseg.models.checkpoint import load_state_dict_checked, numpy_safe_globals
+from medseg.models.checkpoint import load_state_dict_checked, read_weights_file
 from medseg.models.checks import check_input
 from medseg.models.registry import register_model
 
@@ -317,60 +315,18 @@ class STUNet(nn.Module):
 # -- official checkpoints ------------------------------------------------------------------------------------------
 
 _STEM_KEYS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _read_checkpoint(path: Path, sha256: str | None) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise WeightsError(
-            f"STU-Net checkpoint {path} does not exist",
-            hint="pass the path of a local .model / .pth / .pt file",
-            path=path,
-        )
-    if sha256 is not None:
-        hasher = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):  # the huge model's file is 5.8 GB: hash in chunks
-                hasher.update(chunk)
-        digest = hasher.hexdigest()
-        if digest.lower() != sha256.lower():
-            raise WeightsError(
-                f"STU-Net checkpoint {path} has sha256 {digest}",
-                expected=f"sha256 {sha256}",
-                hint="the file is corrupt or not the one you meant; download it again",
-                path=path,
-            )
-    try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"cannot read {path} as a weights-only torch checkpoint ({first})",
-            expected="an nnU-Net checkpoint dict or a state dict of tensors",
-            hint="if you trust the file, re-save just its weights: torch.save(torch.load(f, weights_only=False)"
-            "['state_dict' or 'network_weights'], 'weights.pt')",
-            path=path,
-        ) from None
-    if isinstance(obj, Mapping):
-        for key in ("network_weights", "state_dict"):  # nnU-Net v2 .pth, v1 .model
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        found = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise WeightsError(
-            f"{path} holds no STU-Net state dict (found {found})",
-            expected="a dict with 'network_weights' (nnU-Net v2) or 'state_dict' (v1), or a bare state dict",
-            path=path,
-        )
-    state = {}
-    for key, value in obj.items():
-        for prefix in _WRAPPER_PREFIXES:  # DDP / torch.compile wrappers
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[str(key)] = value
-    return state
+    return read_weights_file(
+        path,
+        kind="STU-Net",
+        sha256=sha256,
+        containers=("network_weights", "state_dict"),  # nnU-Net v2 .pth, v1 .model
+        expected="an nnU-Net checkpoint dict or a state dict of tensors",
+        hint="pass the path of a local .model / .pth / .pt file",
+        allow_numpy=True,
+    )
 
 
 def _describe(state: Mapping[str, Tensor]) -> str:
