@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -111,3 +112,18 @@ def prompted_config(path: Path, model: str = "sam_unet_r34", epochs: int = 1, **
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def run_cli(args: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str]:
+    """Run ``medseg ARGS`` in-process; returns the exit status and stdout + stderr."""
+    import sys
+
+    import pytest
+
+    from pipelines.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["medseg", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out + captured.err

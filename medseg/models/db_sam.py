@@ -85,7 +85,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medseg.core.errors import ConfigError
-from medseg.models.card import ModelCard
 from medseg.models.checkpoint import load_state_dict_checked
 from medseg.models.checks import check_prompted_input
 from medseg.models.layers.db_sam_parts import (
@@ -100,6 +99,7 @@ from medseg.models.registry import register_model
 from medseg.models.sam import (
     SamConfig,
     SamCore,
+    prompted_card,
     prompted_sam_config,
     read_sam_checkpoint,
     resize_sam_state_dict,
@@ -111,7 +111,6 @@ __all__ = ["DBSAM", "db_sam"]
 logger = logging.getLogger(__name__)
 
 NAME = "db_sam"
-PATCH_SIZE = 16
 N_STAGES = 4
 # Trainable parts that the SAM checkpoint does not cover.
 _NEW_PARTS = ("cabs", "conv_branch", "interactions", "fusion", "fusion_norm")
@@ -329,22 +328,7 @@ _TINY: dict[str, Any] = {
     "deform_heads": 3,
 }
 
-_CARD = ModelCard(
-    name=NAME,
-    task="segmentation",
-    spatial_dims=2,
-    in_channels=3,
-    out_channels=1,
-    roi_size=(_IMG_SIZE, _IMG_SIZE),
-    divisible_by=(PATCH_SIZE, PATCH_SIZE),
-    target_spacing=None,
-    intensity_preset="sam",
-    label_names=("foreground",),
-    needs_prompts=True,
-    paper=_PAPER,
-    reference_params=147_983_344,
-    reference_config={},
-)
+_CARD = prompted_card(NAME, img_size=_IMG_SIZE, paper=_PAPER, reference_params=147_983_344)
 
 
 @register_model(_CARD, tiny=_TINY)

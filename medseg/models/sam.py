@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
+from medseg.models.card import ModelCard
 from medseg.models.checkpoint import load_state_dict_checked, read_weights_file
 from medseg.models.checks import check_input, check_prompts
 from medseg.models.layers.sam_decoder import MaskDecoder, PromptEncoder, TwoWayTransformer
@@ -131,6 +132,26 @@ class SamConfig:
 
 
 VIT_B = SamConfig()
+
+
+def prompted_card(name: str, *, img_size: int, paper: str, reference_params: int) -> ModelCard:
+    """The card of a promptable 2D zoo model: RGB in, one mask logit per prompt out, SAM intensity handling."""
+    return ModelCard(
+        name=name,
+        task="segmentation",
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=1,
+        roi_size=(img_size, img_size),
+        divisible_by=(16, 16),
+        target_spacing=None,
+        intensity_preset="sam",
+        label_names=("foreground",),
+        needs_prompts=True,
+        paper=paper,
+        reference_params=reference_params,
+        reference_config={},
+    )
 
 
 def prompted_sam_config(

@@ -65,6 +65,7 @@ from medseg.models.registry import register_model
 from medseg.models.sam import (
     SamConfig,
     SamCore,
+    prompted_card,
     prompted_sam_config,
     read_sam_checkpoint,
     resize_sam_state_dict,
@@ -75,7 +76,6 @@ __all__ = ["Reshaper", "SAMUNet", "sam_unet_r34", "sam_unet_r50"]
 
 logger = logging.getLogger(__name__)
 
-PATCH_SIZE = 16
 # Keys of SAM's mask decoder that SAM-UNet has no counterpart for (IoU / multimask heads).
 _DROPPED_DECODER_PREFIXES = ("iou_token.", "mask_tokens.", "output_hypernetworks_mlps.", "iou_prediction_head.")
 _LOADED_DECODER_PARTS = ("transformer", "output_upscaling")
@@ -464,22 +464,7 @@ _IMG_SIZE = 256
 
 
 def _card(name: str, reference_params: int) -> ModelCard:
-    return ModelCard(
-        name=name,
-        task="segmentation",
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=1,
-        roi_size=(_IMG_SIZE, _IMG_SIZE),
-        divisible_by=(PATCH_SIZE, PATCH_SIZE),
-        target_spacing=None,
-        intensity_preset="sam",
-        label_names=("foreground",),
-        needs_prompts=True,
-        paper=_PAPER,
-        reference_params=reference_params,
-        reference_config={},
-    )
+    return prompted_card(name, img_size=_IMG_SIZE, paper=_PAPER, reference_params=reference_params)
 
 
 _TINY: dict[str, Any] = {

@@ -18,18 +18,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medseg.training.rundir import RunDir, load_checkpoint
-from pipelines.cli import main
-from tests.helpers import tiny_config
+from tests.helpers import run_cli, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["medseg", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out + captured.err
 
 
 def run_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

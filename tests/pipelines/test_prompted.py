@@ -4,7 +4,6 @@ on 2D images and slice-wise on 3D volumes with voxel or RAS prompts, and the err
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,16 +12,7 @@ import pytest
 from PIL import Image
 
 from medseg.training.rundir import RunDir, load_checkpoint
-from pipelines.cli import main
-from tests.helpers import make_case, tiny_affine
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["medseg", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out + captured.err
+from tests.helpers import make_case, run_cli, tiny_affine
 
 
 def test_prompted_training_writes_a_full_run(prompted_run: Path) -> None:
