@@ -39,7 +39,7 @@ def measure_one(name: str, minutes: float, work: Path, train: bool) -> dict:
     from medseg.inference import Predictor
     from medseg.models import count_parameters, create_model, get_card
     from medseg.training import Trainer
-    from medseg.training.rundir import RunDir
+    from medseg.inference.rundir import RunDir
     from pipelines.predict import evaluate
 
     card = get_card(name)

@@ -2,7 +2,7 @@
 
 The public API is imported lazily so that ``import medseg`` (and the CLI) start fast::
 
-    from medseg import load_image, save_mask, create_model, list_models, Predictor
+    from medseg import load_image, save_mask, create_model, list_models, open_predictor
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ _LAZY = {
     "save_mask": "medseg.io",
     "create_model": "medseg.models",
     "list_models": "medseg.models",
+    "open_predictor": "medseg.api",
+    "is_model_folder": "medseg.api",
+    "SegmentationPredictor": "medseg.inference.contract",
+    "Prediction": "medseg.inference.prediction",
     "Predictor": "medseg.inference",
     "MedsegError": "medseg.core.errors",
 }

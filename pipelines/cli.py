@@ -87,7 +87,12 @@ def train(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory written by `medseg train`.")],
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder: a run directory written by `medseg train`, or an nnU-Net v2 results folder."
+        ),
+    ],
     inputs: Annotated[
         list[Path], typer.Argument(help="Images: NIfTI, NRRD, MHA, DICOM folder or zip, PNG/TIFF/JPEG, 2D DICOM.")
     ],
@@ -130,7 +135,7 @@ def _cli_prompts(boxes: list[str], points: list[str], coords: str) -> object | N
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    run: Annotated[Path, typer.Argument(help="Model folder (run directory or nnU-Net v2 results folder).")],
     data: Annotated[Path, typer.Argument(help="Labelled dataset folder.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON report path.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,

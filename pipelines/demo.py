@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medseg import open_predictor
 from medseg.core.errors import ConfigError
 from medseg.data.demo_brain import write_demo_dataset
-from medseg.inference import Predictor
 from medseg.inference.overlay import save_overlay
 from medseg.io import load_image
 from pipelines.predict import case_name, evaluate, predict
@@ -64,7 +64,7 @@ def run_demo(
             data=train_root, config=DEMO_CONFIG, epochs=epochs, out=out, show_progress=show_progress, model=None
         )
     )
-    predictor = Predictor.from_run_dir(out)
+    predictor = open_predictor(out)
     images = sorted((heldout_root / "images").glob("*.nii.gz"))
     predicted = predict(out, images, out / "predictions", predictor=predictor)
     overlays = []

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from medseg import open_predictor
 from medseg.core.atomic import atomic_open
-from medseg.core.errors import DataError, ModelInputError
+from medseg.core.errors import DataError
 from medseg.data import load_manifest, strip_image_extension
 from medseg.data.labels import resolve_label_names
-from medseg.inference import Predictor
+from medseg.inference.contract import SegmentationPredictor
 from medseg.inference.prompts import Box, PromptObject, Prompts
 from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
@@ -54,35 +55,23 @@ def predict(
     *,
     tta: bool | None = None,
     fmt: str = "nifti",
-    predictor: Any = None,
+    predictor: SegmentationPredictor | None = None,
     show_progress: bool = False,
     prompts: Prompts | None = None,
 ) -> list[PredictedCase]:
     """Segment every input; write ``<out>/<case>_seg.<ext>`` and ``<case>_seg.json`` (label statistics).
 
-    ``prompts`` (boxes / points) are required by prompted models and refused by the others.
+    ``prompts`` (boxes / points) are required by prompted models and refused by the others (checked once, before the
+    first image is read, by the predictor itself).
     """
     if fmt not in SUFFIXES:
         raise DataError(f"unknown output format {fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
-    predictor = predictor or Predictor.from_run_dir(run)
-    needs_prompts = predictor.card.needs_prompts
-    if needs_prompts and prompts is None:
-        raise ModelInputError(
-            f"model {predictor.card.name!r} is prompted: give a box and/or points",
-            expected="--box x0,y0,x1,y1[,z0,z1] and/or --point x,y[,z][:label]",
-            hint="add --coords ras for world (RAS mm) coordinates instead of voxel indices",
-        )
-    if prompts is not None and not needs_prompts:
-        raise ModelInputError(
-            f"model {predictor.card.name!r} does not take prompts", hint="drop --box / --point for this model"
-        )
+    predictor = predictor or open_predictor(run)
+    predictor.check_prompts(prompts)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in _track(inputs, "predicting", show_progress):
-        if needs_prompts:
-            result = predictor.predict(path, tta=tta, prompts=prompts)
-        else:
-            result = predictor.predict(path, tta=tta)
+        result = predictor.predict(path, tta=tta, prompts=prompts)
         mask_path = save_mask(result.mask, result.image, out / f"{case_name(path)}_seg{SUFFIXES[fmt]}")
         stats = result.stats_dict()
         with atomic_open(out / f"{case_name(path)}_seg.json") as fh:
@@ -93,17 +82,25 @@ def predict(
 
 
 def evaluate(
-    run: Path, data: Path, out: Path | None = None, *, predictor: Predictor | None = None, show_progress: bool = False
+    run: Path,
+    data: Path,
+    out: Path | None = None,
+    *,
+    predictor: SegmentationPredictor | None = None,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Predict every labelled case of a dataset and score it (Dice, HD95 per label); write JSON."""
-    predictor = predictor or Predictor.from_run_dir(run)
+    """Predict every labelled case of a dataset and score it (Dice, HD95 per label); write JSON.
+
+    A prompted model is scored as the SAM papers do: one box per label and slice, taken from the reference.
+    """
+    predictor = predictor or open_predictor(run)
     manifest = load_manifest(data)
     labelled = [c for c in manifest.cases if c.label is not None and c.label.exists()]
     if not labelled:
         raise DataError(f"dataset {data} has no labelled case to evaluate", hint="evaluate needs labels")
     names = predictor.label_names
     per_case = {}
-    prompted = predictor.card.needs_prompts
+    prompted = predictor.needs_prompts
     if prompted:  # one box per label and slice from the reference: scored against the dataset's own labels
         names = resolve_label_names(manifest)
     for case in _track(labelled, "evaluating", show_progress):

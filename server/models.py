@@ -6,40 +6,22 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from medseg import is_model_folder, open_predictor
 from medseg.core.errors import MedsegError
 from medseg.core.registry import did_you_mean
-from medseg.inference import Prediction, Predictor
-from medseg.models import ModelCard
+from medseg.inference.contract import SegmentationPredictor
 from server.errors import ApiError
 
 logger = logging.getLogger("server")
-
-
-class SegmentationModel(Protocol):
-    """What the server needs of a model: a card, label names and ``predict``."""
-
-    card: ModelCard
-
-    @property
-    def label_names(self) -> tuple[str, ...]: ...
-
-    def predict(self, image: Any, *, tta: bool | None = None, keep_probabilities: bool = False) -> Prediction: ...
-
-
-def load_model(folder: Path, device: str = "auto") -> SegmentationModel:
-    """A run directory (``config.yaml``) or an nnU-Net results folder (``plans.json`` + ``dataset.json``)."""
-    if (folder / "config.yaml").is_file():
-        return Predictor.from_run_dir(folder, device=device)
-    return Predictor.from_nnunet_results(folder, device=device)
 
 
 @dataclass
 class ModelStore:
     """Name → loaded model; inference on one model is serialised by a lock (models are not re-entrant)."""
 
-    models: dict[str, SegmentationModel] = field(default_factory=dict)
+    models: dict[str, SegmentationPredictor] = field(default_factory=dict)
     source: dict[str, Path] = field(default_factory=dict)
     locks: dict[str, threading.Lock] = field(default_factory=dict)
 
@@ -51,16 +33,16 @@ class ModelStore:
             logger.warning("models directory %s does not exist: serving no models", models_dir)
             return store
         for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-            if not ((folder / "config.yaml").is_file() or (folder / "plans.json").is_file()):
+            if not is_model_folder(folder):
                 continue
             try:
-                store.add(folder.name, load_model(folder, device), folder)
+                store.add(folder.name, open_predictor(folder, device=device), folder)
             except MedsegError as exc:
                 logger.error("skipping model %s: %s", folder, exc.message)
         logger.info("serving models %s", store.names())
         return store
 
-    def add(self, name: str, model: SegmentationModel, source: Path | None = None) -> None:
+    def add(self, name: str, model: SegmentationPredictor, source: Path | None = None) -> None:
         self.models[name] = model
         self.locks[name] = threading.Lock()
         if source is not None:
@@ -69,7 +51,7 @@ class ModelStore:
     def names(self) -> list[str]:
         return sorted(self.models)
 
-    def get(self, name: str) -> SegmentationModel:
+    def get(self, name: str) -> SegmentationPredictor:
         """The model ``name`` or a 404 with a suggestion."""
         if name not in self.models:
             hint = did_you_mean(name, self.names()) or f"available models: {self.names()}"

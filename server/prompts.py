@@ -3,13 +3,12 @@
 The JSON is the library's :meth:`medseg.inference.prompts.Prompts.from_json` schema, e.g.
 ``{"space": "voxel", "boxes": [[40, 52, 90, 110, 10, 14]], "points": [[64, 80, 12, 1]]}``. A prompted model
 called without prompts, prompts sent to a model that takes none, or malformed JSON answer 422 with the expected
-shape.
+shape: the model's own :meth:`~medseg.inference.contract.SegmentationPredictor.check_prompts` decides.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from medseg.inference.prompts import PROMPTS_JSON_EXAMPLE, Prompts
 from server.errors import ApiError
@@ -34,22 +33,3 @@ def parse_prompts(text: str | None) -> Prompts | None:
             hint=f"send e.g. {PROMPTS_JSON_EXAMPLE}",
         ) from None
     return Prompts.from_json(data)  # ModelInputError (422) names the bad field
-
-
-def check_prompts(model_name: str, card: Any, prompts: Prompts | None) -> None:
-    """422 unless prompts are given exactly when the model needs them."""
-    needs = bool(getattr(card, "needs_prompts", False))
-    if needs and prompts is None:
-        raise ApiError(
-            422,
-            "ModelInputError",
-            f"model {model_name!r} is prompted and needs a box and/or points in the field `prompts`",
-            hint=f"send prompts={PROMPTS_JSON_EXAMPLE}",
-        )
-    if prompts is not None and not needs:
-        raise ApiError(
-            422,
-            "ModelInputError",
-            f"model {model_name!r} does not take prompts",
-            hint="drop the field `prompts` for this model",
-        )

@@ -2,11 +2,12 @@
 
 An experiment config has four sections (``data``, ``model``, ``train``, ``infer``) plus a run ``name``. Every
 section forbids unknown keys, so a typo is an error rather than a silently ignored setting. A run saves its
-resolved config as ``config.yaml`` so that ``Predictor.from_run_dir`` can rebuild everything from it.
+resolved config as ``config.yaml`` so that ``medseg.open_predictor`` can rebuild everything from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,15 +91,26 @@ class TrainConfig(_Section):
         epochs: number of epochs; an epoch is ``iters_per_epoch`` optimiser steps.
         iters_per_epoch: optimiser steps per epoch (nnU-Net uses 250).
         batch_size: patches per step.
-        lr: AdamW peak learning rate, reached after ``warmup_iters`` linear warm-up steps, then cosine to
-            ``lr * min_lr_ratio``.
-        fg_ratio: share of patches centred on foreground (nnU-Net oversamples 1/3).
+        lr: AdamW peak learning rate, reached after ``warmup_iters`` linear warm-up steps, then decayed by
+            ``schedule`` to ``lr * min_lr_ratio`` at the last step.
+        schedule: decay after the warm-up: ``cosine`` (half a cosine period) or ``poly`` (polynomial,
+            ``(1 - progress) ** poly_exponent``, nnU-Net's PolyLR); ``None`` takes the model's own paper schedule
+            (``paper_schedule``; ``cosine`` for models that name none). Use ``min_lr_ratio: 0`` for the papers' poly.
+        poly_exponent: exponent of the ``poly`` schedule (0.9 in nnU-Net and most papers); refused with ``cosine``.
+        fg_ratio: share of patches centred on foreground (nnU-Net oversamples 1/3). Dense 3D models only.
+        seed: seed of the run: weights, data split, and every epoch's data order, augmentation and dropout masks
+            (each derived from ``(seed, epoch)``, so a resumed run draws what an uninterrupted one did).
         val_every: validate every this many epochs (and after the last).
         amp: mixed precision on CUDA (ignored on CPU, where bf16 is slow on many machines).
         loss: a name from the loss registry (``dice_ce``, ``mpunet_hybrid``, ``sam_dice_ce``, ``sam_focal_dice``);
             ``None`` takes the model's own paper loss (``dice_ce`` for models that name none). Lists of outputs
             (deep supervision) get nnU-Net's halving weights unless the loss weights them itself.
-        max_val_slices: prompted 2D models validate on at most this many (slice, label) prompts.
+        max_val_slices: prompted 2D models validate on at most this many (slice, label) prompts. Prompted
+            models only.
+        num_workers: data-loading worker processes (0: in the training process). Changes the augmentation draws.
+
+    Keys a model family does not use (e.g. ``fg_ratio`` for the prompted models, see
+    :meth:`medseg.training.trainer.Trainer.check_config`) must stay at their defaults.
     """
 
     epochs: int = Field(50, ge=1)
@@ -110,17 +122,19 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     fg_ratio: float = Field(0.5, ge=0, le=1)
     grad_clip: float | None = 12.0
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     val_every: int = Field(5, ge=1)
     num_workers: int = Field(0, ge=0)
     amp: bool = True
     loss: str | None = None
+    schedule: Literal["cosine", "poly"] | None = None
+    poly_exponent: float = Field(0.9, gt=0)
     max_val_slices: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class InferConfig(_Section):
-    """Sliding-window inference."""
+    """Sliding-window inference of dense models (validation during training, and prediction from the run)."""
 
     overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(2, ge=1)
@@ -146,6 +160,21 @@ class ExperimentConfig(_Section):
             elif value is not None:
                 data[section] = value
         return validate_config(data, source="command-line options")
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as ``{"section.key": value}`` (JSON types: tuples as lists, paths as strings; ``name``)."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump(mode="json").items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    def non_defaults(self, keys: Iterable[str]) -> dict[str, tuple[Any, Any]]:
+        """``{"section.key": (value, default)}`` for those of ``keys`` whose value differs from the schema default."""
+        mine, defaults = self.flat(), ExperimentConfig().flat()
+        return {k: (mine[k], defaults[k]) for k in keys if mine[k] != defaults[k]}
 
     def to_yaml(self) -> str:
         """YAML text of the resolved config (paths as strings, tuples as lists)."""

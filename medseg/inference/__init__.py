@@ -1,7 +1,10 @@
-"""Whole-image inference: sliding window, flip TTA, ``Predictor`` mapping masks back to the input grid, and the
-slice-wise ``PromptPredictor`` for promptable 2D models."""
+"""Whole-image inference behind one contract (:class:`SegmentationPredictor`): the dense ``Predictor`` (sliding
+window, flip TTA, masks mapped back to the input grid), the slice-wise ``PromptPredictor`` for promptable 2D models,
+and the openers that turn a model folder into one (:func:`medseg.open_predictor`)."""
 
-from medseg.inference.predictor import LabelStat, Prediction, Predictor, label_statistics
+from medseg.inference.contract import SegmentationPredictor
+from medseg.inference.prediction import LabelStat, Prediction, label_statistics
+from medseg.inference.predictor import Predictor
 from medseg.inference.prompted import PromptPredictor
 from medseg.inference.prompts import Prompts
 from medseg.inference.sliding import WindowSettings, sliding_window_probs
@@ -12,6 +15,7 @@ __all__ = [
     "PromptPredictor",
     "Predictor",
     "Prompts",
+    "SegmentationPredictor",
     "WindowSettings",
     "label_statistics",
     "sliding_window_probs",

@@ -21,8 +21,9 @@ from torch import nn
 from medseg.core.config import ExperimentConfig
 from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, ModelInputError
-from medseg.inference.predictor import Prediction, label_statistics
-from medseg.inference.prompts import PROMPTS_JSON_EXAMPLE, PromptObject, Prompts
+from medseg.inference.contract import SegmentationPredictor, image_name
+from medseg.inference.prediction import Prediction
+from medseg.inference.prompts import PromptObject, Prompts
 from medseg.io import load_image
 from medseg.models import ModelCard
 from medseg.transforms.sam import SamFrame, prepare_slice, sam_intensity, slice_to_volume, volume_slice
@@ -56,7 +57,7 @@ def _object_slices(obj: PromptObject) -> list[int]:
     return sorted({int(p.coord[2]) for p in obj.points if p.label == 1})
 
 
-class PromptPredictor:
+class PromptPredictor(SegmentationPredictor):
     """Run a promptable 2D model (``card.needs_prompts``) on whole images, slice by slice.
 
     The model contract: ``model(x (B, 3, S, S), *, boxes (B, 4) | None, points ((B, N, 2), (B, N)) | None)``
@@ -73,7 +74,7 @@ class PromptPredictor:
 
     Examples::
 
-        >>> predictor = Predictor.from_run_dir("runs/sam_unet")   # a PromptPredictor for a promptable model
+        >>> predictor = medseg.open_predictor("runs/sam_unet")   # a PromptPredictor for a promptable model
         >>> prompts = Prompts.from_cli(["30,40,90,110,10,25"], [])
         >>> result = predictor.predict("subject.nii.gz", prompts=prompts)
     """
@@ -88,10 +89,17 @@ class PromptPredictor:
         self.size = int(getattr(model, "img_size", self.card.roi_size[-1]))
         self.slice_batch = int(slice_batch)
 
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        """The model card's label names (a prediction names its labels after the prompt objects)."""
-        return self.card.label_names
+    def check_image(self, image: MetaTensor) -> None:
+        """Refuse an image that is not ``(C, X, Y, Z)`` with ``C`` 1 (grey) or 3 (RGB).
+
+        Raises:
+            ModelInputError: wrong dimensionality or channel count.
+        """
+        if image.ndim != 4 or image.shape[0] not in (1, 3):
+            raise ModelInputError(
+                f"{image_name(image)} has shape {tuple(image.shape)} but model {self.card.name!r} takes grey or RGB",
+                expected="(C, X, Y, Z) with C = 1 (grey) or 3 (RGB)",
+            )
 
     def predict(
         self,
@@ -123,32 +131,17 @@ class PromptPredictor:
             ModelInputError: no prompts, a prompt outside the image, or an image that is not grey or RGB.
         """
         del tta
-        if prompts is None or not prompts.objects:
-            raise ModelInputError(
-                f"model {self.card.name!r} needs prompts",
-                expected=f"a box or points: --box x0,y0,x1,y1[,z0,z1] on the command line, or JSON like "
-                f"{PROMPTS_JSON_EXAMPLE}",
-            )
+        self.check_prompts(prompts)
+        assert prompts is not None  # check_prompts refused None for a prompted model
         original = image if isinstance(image, MetaTensor) else load_image(image)
-        if original.ndim != 4:
-            raise ModelInputError(f"image has shape {tuple(original.shape)}", expected="(C, X, Y, Z)")
+        self.check_image(original)
         rgb = sam_intensity(original)
         spatial = tuple(int(s) for s in original.shape[1:])
         voxel = prompts.to_voxel(original.affine, spatial)
         best, index, fg = self._object_probabilities(rgb, voxel, keep=keep_probabilities)
-        n_labels = len(voxel.objects) + 1
-        dtype = torch.uint8 if n_labels < 256 else torch.int32
-        mask_array = torch.where(best > 0.5, index + 1, 0).to(dtype)
-        mask = MetaTensor(mask_array, affine=original.affine.clone(), meta=_meta_without_affine(original))
         names = ("background", *(o.name or f"object_{k + 1}" for k, o in enumerate(voxel.objects)))
         probabilities = torch.cat([(1.0 - best)[None], fg]) if fg is not None else None
-        return Prediction(
-            mask=mask,
-            image=original,
-            label_names=names,
-            probabilities=probabilities,
-            stats=label_statistics(mask_array, original.affine, names),
-        )
+        return Prediction.on_input_grid(torch.where(best > 0.5, index + 1, 0), original, names, probabilities)
 
     def _object_probabilities(
         self, rgb: torch.Tensor, prompts: Prompts, keep: bool = False
@@ -213,7 +206,3 @@ class PromptPredictor:
                 expected=f"(B, 1, {self.size}, {self.size})",
             )
         return torch.sigmoid(frame.logits_to_slice(logits[:, 0].float().cpu()))
-
-
-def _meta_without_affine(image: MetaTensor) -> dict[str, Any]:
-    return {k: v for k, v in image.meta.items() if k != "affine"}

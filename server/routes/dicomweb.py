@@ -30,7 +30,6 @@ from medseg.inference.prompts import PROMPTS_JSON_EXAMPLE, Prompts
 from medseg.io import load_image
 from medseg.io.dicom_seg import write_dicom_seg
 from server.errors import ApiError
-from server.prompts import check_prompts
 from server.security import require_auth
 from server.settings import PacsSettings, Settings
 
@@ -182,7 +181,7 @@ def _segment(request: Request, body: SegmentRequest) -> SegmentResponse:
     store = request.app.state.models
     model = store.get(body.model)
     prompts = Prompts.from_json(body.prompts) if body.prompts is not None else None
-    check_prompts(body.model, model.card, prompts)
+    model.check_prompts(prompts)
     client = _client(body.pacs, _pacs(settings, body.pacs))
     found = _call(
         body.pacs,
@@ -206,10 +205,7 @@ def _segment(request: Request, body: SegmentRequest) -> SegmentResponse:
         image = load_image(folder, series_uid=body.series_uid)
         logger.info("PACS %s: series %s retrieved (%d instances, %s)", body.pacs, body.series_uid, n, image.shape)
         with store.locks[body.model]:
-            if prompts is not None:
-                prediction = model.predict(image, tta=body.tta, prompts=prompts)
-            else:
-                prediction = model.predict(image, tta=body.tta)
+            prediction = model.predict(image, tta=body.tta, prompts=prompts)
         seg = write_dicom_seg(
             prediction.mask,
             folder,

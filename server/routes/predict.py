@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from medseg.inference import Prediction
 from medseg.inference.prompts import Prompts
 from server.errors import ApiError
-from server.prompts import PROMPTS_DESCRIPTION, check_prompts, parse_prompts
+from server.prompts import PROMPTS_DESCRIPTION, parse_prompts
 from server.results import LABEL_HEADER, OUTPUTS, check_output, render
 from server.schemas import ModelDetail, ModelList, OutputFormat, PredictStats, error_responses
 from server.security import require_auth
@@ -81,9 +81,7 @@ def _predict_locked(
     if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
         raise busy(f"waiting for model {name!r}")
     try:
-        if prompts is not None:
-            return model.predict(image, tta=tta, prompts=prompts)
-        return model.predict(image, tta=tta)
+        return model.predict(image, tta=tta, prompts=prompts)
     finally:
         lock.release()
 
@@ -157,7 +155,7 @@ async def predict(
     tta = pick(tta_q, tta_f, None)
     model = request.app.state.models.get(name)  # 404 with a suggestion before reading the upload
     prompts = parse_prompts(pick(prompts_q, prompts_f, None))
-    check_prompts(name, model.card, prompts)
+    model.check_prompts(prompts)  # 422 in the model's own words, before the upload is read
     upload = await receive_upload(file, settings)
     try:
         check_output(output, upload.is_dicom)

@@ -115,10 +115,11 @@ def test_wrong_channel_count_is_a_model_input_error(tmp_path: Path) -> None:
         Predictor(ThresholdNet(), _config(None), device="cpu").predict(path)
 
 
-def test_from_run_dir_errors(tmp_path: Path) -> None:
+def test_open_predictor_errors(tmp_path: Path) -> None:
+    from medseg import open_predictor
     from medseg.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not exist"):
-        Predictor.from_run_dir(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="not a medseg run directory"):
-        Predictor.from_run_dir(tmp_path)
+        open_predictor(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="not a model folder medseg can open"):
+        open_predictor(tmp_path)

@@ -11,12 +11,13 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
+from medseg import open_predictor
 from medseg.core.config import ExperimentConfig
 from medseg.core.errors import ModelInputError
-from medseg.inference import Predictor, PromptPredictor, Prompts
+from medseg.inference import PromptPredictor, Prompts
+from medseg.inference.rundir import RunDir, save_checkpoint
 from medseg.io import save_mask
 from medseg.models import ModelCard, create_model, get_card, tiny_overrides
-from medseg.training.rundir import RunDir, save_checkpoint
 from tests.helpers import make_case, tiny_affine
 
 SIZE = 64
@@ -132,7 +133,7 @@ def test_batches_follow_slice_batch_and_do_not_change_the_answer() -> None:
 def test_missing_prompts_and_wrong_channels_are_model_input_errors() -> None:
     predictor = _predictor()
     for prompts in (None, Prompts()):
-        with pytest.raises(ModelInputError, match="model 'box_painter' needs prompts.*--box x0,y0,x1,y1"):
+        with pytest.raises(ModelInputError, match="model 'box_painter' is prompted and needs a box.*--box x0,y0,x1,y1"):
             predictor.predict(_volume(), prompts=prompts)
     with pytest.raises(ModelInputError, match="1 \\(grey\\) or 3 \\(RGB\\)"):
         predictor.predict(MetaTensor(torch.zeros(2, 8, 8, 2)), prompts=Prompts.from_cli(["1,1,5,5,0,1"], []))
@@ -156,7 +157,7 @@ def test_real_tiny_models_predict_on_the_prompted_slices(name: str) -> None:
     assert float(probs[1].min()) >= 0 and float(probs[1].max()) <= 1 and not probs[1, ..., 0].any()
 
 
-def test_from_run_dir_gives_a_prompt_predictor(tmp_path: Path) -> None:
+def test_open_predictor_gives_a_prompt_predictor(tmp_path: Path) -> None:
     torch.manual_seed(0)
     kwargs = tiny_overrides("sam_unet_r34")
     model = create_model("sam_unet_r34", **kwargs)
@@ -167,7 +168,7 @@ def test_from_run_dir_gives_a_prompt_predictor(tmp_path: Path) -> None:
     card: ModelCard = model.card
     state = {"model": model.state_dict(), "card": card.to_dict(), "model_name": card.name, "model_kwargs": kwargs}
     save_checkpoint(state, run.best)
-    predictor = Predictor.from_run_dir(run.root, device="cpu")
+    predictor = open_predictor(run.root, device="cpu")
     assert isinstance(predictor, PromptPredictor) and predictor.card.needs_prompts
     image = MetaTensor(torch.rand(1, 24, 40, 1) * 100)  # a grey picture, 40 rows x 24 columns
     result = predictor.predict(image, prompts=Prompts.from_cli(["2,3,20,30"], []))

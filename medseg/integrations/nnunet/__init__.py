@@ -12,8 +12,9 @@ Four pieces, each usable alone (nnunetv2 2.8.x is an optional dependency, import
 * :func:`run_nnunet` runs export -> fingerprint/plan/preprocess -> train -> validation through nnunetv2's Python
   API, with the nnU-Net folders under one work directory and no environment variable for the user to set.
 * :class:`NnUNetResultsPredictor` loads any nnU-Net v2 results folder (``plans.json``, ``dataset.json``,
-  ``fold_X/checkpoint_*.pth``) and predicts with nnU-Net's pipeline behind medseg's ``Predictor`` interface
-  (``card``, ``label_names``, ``predict(image) -> Prediction`` with the mask on the input's grid).
+  ``fold_X/checkpoint_*.pth``) and predicts with nnU-Net's pipeline behind medseg's predictor contract
+  (:class:`~medseg.inference.contract.SegmentationPredictor`); :mod:`~medseg.integrations.nnunet.opener` registers
+  it, so :func:`medseg.open_predictor` opens such folders.
 
 Before any nnunetv2 import, :func:`ensure_nnunet_importable` makes torchvision importable next to the CPU torch
 (see :mod:`~medseg.integrations.nnunet.shim`).

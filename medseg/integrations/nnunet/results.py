@@ -1,4 +1,4 @@
-"""Predict with any nnU-Net v2 results folder through medseg's ``Predictor`` interface.
+"""Predict with any nnU-Net v2 results folder through medseg's predictor contract (``SegmentationPredictor``).
 
 A results folder is what ``nnUNetv2_train`` (or :func:`medseg.integrations.nnunet.run_nnunet`) writes:
 ``{Trainer}__{Plans}__{configuration}/`` with ``plans.json``, ``dataset.json`` and ``fold_X/checkpoint_*.pth``.
@@ -33,8 +33,10 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.core.device import pick_device
-from medseg.core.errors import ConfigError, ModelInputError, WeightsError
-from medseg.inference.predictor import Prediction, label_statistics
+from medseg.core.errors import ConfigError, WeightsError
+from medseg.inference.contract import SegmentationPredictor
+from medseg.inference.prediction import Prediction
+from medseg.inference.prompts import Prompts
 from medseg.integrations.nnunet.shim import ensure_nnunet_importable
 from medseg.io import load_image, spacing_from_affine
 from medseg.models import ModelCard
@@ -48,10 +50,10 @@ _LAYOUT = "plans.json, dataset.json and fold_X/checkpoint_final.pth (an nnU-Net 
 _PAPER = "Isensee et al., nnU-Net, Nature Methods 18 (2021); arXiv:1809.10486"
 
 
-class NnUNetResultsPredictor:
-    """Segment images with a trained nnU-Net v2 model; same interface as :class:`medseg.inference.Predictor`.
+class NnUNetResultsPredictor(SegmentationPredictor):
+    """Segment images with a trained nnU-Net v2 model, behind medseg's predictor contract.
 
-    Build it with :meth:`from_folder`.
+    Build it with :meth:`from_folder` (or :func:`medseg.open_predictor` on the folder).
 
     Attributes:
         card: a :class:`ModelCard` describing the model (channels, label names, ``roi_size`` = patch size in
@@ -75,9 +77,9 @@ class NnUNetResultsPredictor:
         self._reader = predictor.plans_manager.image_reader_writer_class.__name__
 
     @property
-    def label_names(self) -> tuple[str, ...]:
-        """Names of the mask values 0..N-1 (from ``dataset.json``)."""
-        return self.card.label_names
+    def tta_default(self) -> bool:
+        """Mirroring test-time augmentation when ``predict`` is not told otherwise."""
+        return bool(self.tta)
 
     @classmethod
     def from_folder(
@@ -183,12 +185,18 @@ class NnUNetResultsPredictor:
         return cls(predictor, card, root, tta=tta)
 
     def predict(
-        self, image: str | Path | MetaTensor, *, tta: bool | None = None, keep_probabilities: bool = False
+        self,
+        image: str | Path | MetaTensor,
+        *,
+        prompts: Prompts | None = None,
+        tta: bool | None = None,
+        keep_probabilities: bool = False,
     ) -> Prediction:
         """Segment one image with nnU-Net's pipeline; the mask lies on the input's exact voxel grid.
 
         Args:
             image: a path readable by :func:`medseg.io.load_image` or a loaded ``MetaTensor (C, X, Y, Z)``.
+            prompts: must be ``None`` (nnU-Net models take no prompts).
             tta: mirroring test-time augmentation (default: the predictor's ``tta``).
             keep_probabilities: also return the class probabilities ``(C_out, X, Y, Z)`` on the input grid.
 
@@ -198,29 +206,15 @@ class NnUNetResultsPredictor:
         Raises:
             ModelInputError: the image has the wrong number of channels or is not 3D.
         """
+        self.check_prompts(prompts)
         original = image if isinstance(image, MetaTensor) else load_image(image)
-        if original.ndim != 4 or original.shape[0] != self.card.in_channels:
-            raise ModelInputError(
-                f"{_name(original)} has shape {tuple(original.shape)} but {self.card.name} takes "
-                f"{self.card.in_channels} channel(s)",
-                expected=f"(C={self.card.in_channels}, X, Y, Z)",
-                hint="give one file per channel in the order of training (case_0000, case_0001, ...)",
-            )
+        self.check_image(original)
         data, spacing, undo = self._to_nnunet(original)
         self._predictor.use_mirroring = self.tta if tta is None else tta
         seg, probs = self._predictor.predict_single_npy_array(data, {"spacing": spacing}, None, None, True)
-        mask_array = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(seg)[None])[0]))
-        mask_array = mask_array.to(torch.uint8 if len(self.label_names) < 256 else torch.int32)
-        meta = {k: v for k, v in original.meta.items() if k != "affine"}
-        mask = MetaTensor(mask_array, affine=original.affine.clone(), meta=meta)
+        labels = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(seg)[None])[0]))
         probabilities = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(probs)))) if keep_probabilities else None
-        return Prediction(
-            mask=mask,
-            image=original,
-            label_names=self.label_names,
-            probabilities=probabilities,
-            stats=label_statistics(mask_array, original.affine, self.label_names),
-        )
+        return Prediction.on_input_grid(labels, original, self.label_names, probabilities)
 
     def _to_nnunet(self, image: MetaTensor) -> tuple[np.ndarray, list[float], Any]:
         """``(C, X, Y, Z)`` -> nnU-Net's ``(C, Z, Y, X)`` array, its spacing, and the inverse for outputs."""
@@ -383,7 +377,3 @@ def _canonical_orientation(affine: np.ndarray) -> tuple[Any, Any, np.ndarray]:
         return np.stack([apply_orientation(a, inverse) for a in arr])
 
     return to_canonical, from_canonical, spacing
-
-
-def _name(image: MetaTensor) -> str:
-    return Path(str(image.meta.get("filename_or_obj", "input image"))).name

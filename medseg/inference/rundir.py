@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md §3) and crash-safe writes.
+"""The run directory and crash-safe checkpoint writes (written by training, read by every predictor).
 
 ``runs/<name>/``: ``config.yaml`` (resolved), ``card.json``, ``checkpoints/{last,best}.pt``, ``metrics.jsonl``,
 ``curves.png``, ``log.txt``. Every file except the append-only log is replaced atomically (temp file in the
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from medseg.core.atomic import atomic_open, atomic_write
+from medseg.core.atomic import atomic_open
 from medseg.core.errors import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -94,29 +94,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         raise WeightsError(f"checkpoint {path} cannot be read: {exc}".splitlines()[0], path=path) from None
-
-
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """Training loss and validation Dice per epoch, as ``curves.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [r["epoch"] for r in records]
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    val = [r for r in records if r.get("val_dice")]
-    if val:
-        names = list(val[0]["val_dice"])
-        for name in names:
-            ax_dice.plot([r["epoch"] for r in val], [r["val_dice"][name] for r in val], marker="o", label=name)
-        ax_dice.plot([r["epoch"] for r in val], [r["val_mean_dice"] for r in val], "k--", label="mean")
-        ax_dice.legend()
-    ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation Dice", ylim=(0, 1))
-    for ax in (ax_loss, ax_dice):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
