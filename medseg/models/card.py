@@ -23,6 +23,9 @@ class ModelCard:
         intensity_preset: transform preset name (``"ct"``, ``"mri"``).
         label_names: names of the output channels, background first.
         needs_prompts: whether forward needs prompts (points / boxes) by keyword.
+        output: how the logits become labels. ``"softmax"``: one channel per mutually exclusive class, background
+            included, the label is the argmax. ``"sigmoid"``: each channel on its own, foreground where the logit is
+            > 0 (sigmoid > 0.5); channels may overlap (the prompted SAM models: one mask per prompt).
         paper: citation with arXiv id.
         reference_params: parameter count of the paper's configuration (for tests and docs).
         reference_config: the keyword arguments that build the paper's configuration.
@@ -39,6 +42,7 @@ class ModelCard:
     intensity_preset: str
     label_names: tuple[str, ...]
     needs_prompts: bool = False
+    output: Literal["softmax", "sigmoid"] = "softmax"
     paper: str = ""
     reference_params: int | None = None
     reference_config: dict[str, Any] = field(default_factory=dict)

@@ -2,7 +2,7 @@
 
 Paper: C. Qin, J. Cao, H. Fu, F. S. Khan, R. M. Anwer, "DB-SAM: Delving into High Quality Universal Medical Image
 Segmentation", MICCAI 2024, arXiv:2410.04172. Written from the paper's Fig. 1 and the facts collected in
-``MODELS.md`` §3; the upstream code (``AlfredQin/DB-SAM``) carries no licence and was not copied. Builds on the
+``docs/models/db_sam.md``; the upstream code (``AlfredQin/DB-SAM``) carries no licence and was not copied. Builds on the
 Segment Anything core (Kirillov et al., arXiv:2304.02643) in :mod:`medseg.models.sam`.
 
 Architecture (the registry default follows the paper figure):
@@ -23,7 +23,8 @@ Architecture (the registry default follows the paper figure):
       ``F_d``, ``M = sigmoid(MLP_d(F_d) + MLP_s(F_s))`` (each MLP Linear(768, 192) -> GELU -> Linear(192, 768)) and
       ``F = F_d * M + F_s * (1 - M)``; a final LayerNorm, then SAM's neck (**trainable**).
     * SAM prompt encoder (**frozen**, as drawn) and SAM mask decoder (trainable), ``multimask_output=False``
-      (mask token 0); the 256 x 256 low-resolution logits are upsampled bilinearly to the 1024 x 1024 input.
+      (mask token 0); :meth:`DBSAM.forward_low_res` gives the 256 x 256 low-resolution logits, :meth:`DBSAM.forward`
+      upsamples them bilinearly to the 1024 x 1024 input.
 
 Assumptions (pieces the paper does not specify and the release does not contain):
     * The FFN inside each cross-attention block is a Mix-FFN (Linear C -> 4C, depthwise 3x3 conv per level, GELU,
@@ -33,10 +34,15 @@ Assumptions (pieces the paper does not specify and the release does not contain)
     * Dropout 0.1 on the attention output and in the FFN and stochastic depth 0.3 in the cross-attention blocks, the
       values of the released configuration. Adapter init as ViT-Adapter (arXiv:2205.08534): Linear trunc-normal 0.02,
       conv normal(0, sqrt(2 / fan_out)), norms 1 / 0, Deformable-DETR init for the deformable attention.
-    * SAM's IoU head is loaded but frozen: with ``multimask_output=False`` and a mask-only loss it never receives a
-      gradient (the release trains with DDP ``find_unused_parameters=True``), so freezing it changes no update.
+    * Decoder heads the single-mask path never reaches are loaded but frozen: the IoU head (no gradient at all with
+      a mask-only loss) and the hypernetwork MLPs of the three multimask tokens (their masks are computed and
+      dropped, so their gradients are exactly zero). The release trains with DDP ``find_unused_parameters=True`` and
+      leaves them in the optimiser, where AdamW's weight decay alone shrinks them; freezing keeps the loaded SAM
+      values, and changes nothing the loss sees. The multimask *tokens* stay trainable: they take part in the
+      two-way transformer's self-attention and so shape mask token 0.
 
-Parameters of the default build (1024 x 1024), 147,983,344 in all, 58,961,056 trainable:
+Parameters of the default build (1024 x 1024), 147,983,344 in all, 58,541,632 trainable (own count; the paper gives
+none):
 
     ========================================  ===========  =========
     part                                      parameters   trainable
@@ -47,11 +53,12 @@ Parameters of the default build (1024 x 1024), 147,983,344 in all, 58,961,056 tr
     4 bilateral cross-attention blocks         49,283,328   yes
     fusion gate + final LayerNorm                 593,280   yes
     SAM neck                                      787,456   yes
-    SAM mask decoder (of which IoU head)        4,058,340   yes (IoU head 132,612 frozen)
+    SAM mask decoder                            4,058,340   yes, except the IoU head (132,612) and the
+                                                            multimask hypernetwork MLPs (3 x 139,808)
     SAM prompt encoder                              6,220   no
     ========================================  ===========  =========
 
-The released ``db_sam_plus`` configuration (``MODELS.md`` §3.4) differs from the figure; this module builds the
+The released ``db_sam_plus`` configuration (``docs/models/db_sam.md``) differs from the figure; this module builds the
 figure:
 
     ====================  ==============================================  =========================================
@@ -67,16 +74,21 @@ figure:
     prompt encoder        frozen                                          trainable
     ====================  ==============================================  =========================================
 
-Training recipe (§3.6): MONAI DiceCE (sigmoid, squared_pred) on the logits (``paper_loss = "sam_dice_ce"``), AdamW lr
-1e-4, wd 0.01, 20 epochs, one box per image, each box side enlarged by U{0..19} px on the 256 grid
-(``box_jitter = "enlarge"``).
+Training recipe: MONAI DiceCE (sigmoid, squared_pred) (``paper_loss = "sam_dice_ce"``) on the **256 x 256
+low-resolution logits** against the 256 x 256 ground truth (``loss_on_lowres=True``, the default: the trainer calls
+:meth:`DBSAM.forward_low_res` and brings the label to the ``S/4`` frame by nearest-neighbour resizing of the original
+slice, as MedSAM-format data store it; ``loss_on_lowres=False`` trains on the upsampled ``S x S`` logits instead),
+AdamW lr 1e-4, wd 0.01, PolyLR after one epoch of linear warm-up (``paper_schedule = "poly"``), 20 epochs, one box per
+image. Box prompts come from **all pixels** of the label, the bounding box of ``mask > 0`` (``box_rule =
+"all_pixels"``; SAM-UNet instead boxes the largest connected component), each side then enlarged by U{0..19} px on
+the 256 grid (``box_jitter = "enlarge"``) in training; evaluation uses the unjittered box.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +111,14 @@ from medseg.models.registry import register_model
 from medseg.models.sam import (
     SamConfig,
     SamCore,
+    build_sam_config,
     prompted_card,
-    prompted_sam_config,
     read_sam_checkpoint,
     resize_sam_state_dict,
     split_sam_state_dict,
 )
 
-__all__ = ["DBSAM", "db_sam"]
+__all__ = ["DBSAM", "DBSAMConfig", "db_sam"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +148,11 @@ def _init_adapter(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-class DBSAM(nn.Module):
-    """DB-SAM (arXiv:2410.04172): frozen SAM ViT + CABs, conv branch, bilateral deformable cross-attention, fusion.
+@dataclass(frozen=True)
+class DBSAMConfig(SamConfig):
+    """SAM geometry (the :class:`~medseg.models.sam.SamConfig` fields, ViT-B at 1024 by default) + DB-SAM's own sizes.
 
-    Args:
-        config: SAM geometry (``img_size`` is the model input side ``S``, a multiple of 64; ``depth`` a multiple of
-            4, run as 4 equal stages).
+    Attributes:
         conv_channels: stem width ``c`` of the convolution branch (levels ``c, 2c, 4c``).
         deform_heads: heads of the deformable attention.
         deform_points: sampling points per head and level.
@@ -149,30 +160,47 @@ class DBSAM(nn.Module):
         fusion_reduction: hidden width divisor of the fusion-gate MLPs.
         dropout: dropout in the cross-attention blocks.
         drop_path: stochastic depth of the cross-attention blocks.
+        loss_on_lowres: train on the ``S/4`` low-resolution logits against an ``S/4`` target, as the paper (256^2 for
+            a 1024 input); ``False`` trains on the upsampled ``S x S`` logits.
+    """
+
+    conv_channels: int = 64
+    deform_heads: int = 12
+    deform_points: int = 4
+    ffn_ratio: float = 4.0
+    fusion_reduction: int = 4
+    dropout: float = 0.1
+    drop_path: float = 0.3
+    loss_on_lowres: bool = True
+
+
+class DBSAM(nn.Module):
+    """DB-SAM (arXiv:2410.04172): frozen SAM ViT + CABs, conv branch, bilateral deformable cross-attention, fusion.
+
+    Args:
+        config: SAM geometry and DB-SAM sizes (``img_size`` is the model input side ``S``, a multiple of 64; ``depth``
+            a multiple of 4, run as 4 equal stages).
 
     Attributes:
         img_size: input side ``S``; the model takes ``(B, 3, S, S)``.
         paper_loss: loss registry name of the paper's objective (DiceCE with sigmoid and squared denominators).
+        paper_schedule: learning-rate schedule of the paper (``"poly"``: PolyLR after one epoch of warm-up).
         box_jitter: box augmentation rule of the paper (``"enlarge"``: each side pushed out by a random margin).
+        box_rule: how a box prompt is drawn from a label (``"all_pixels"``: the bounding box of every foreground
+            pixel, the official rule ``bbox(mask > 0)``).
+        loss_on_lowres: whether training compares :meth:`forward_low_res` with an ``S/4`` target (the paper).
     """
 
     in_channels = 3
     out_channels = 1
     paper_loss = "sam_dice_ce"
+    paper_schedule = "poly"
     box_jitter = "enlarge"
+    box_rule = "all_pixels"
 
-    def __init__(
-        self,
-        config: SamConfig,
-        conv_channels: int = 64,
-        deform_heads: int = 12,
-        deform_points: int = 4,
-        ffn_ratio: float = 4.0,
-        fusion_reduction: int = 4,
-        dropout: float = 0.1,
-        drop_path: float = 0.3,
-    ) -> None:
+    def __init__(self, config: DBSAMConfig | None = None) -> None:
         super().__init__()
+        config = config if config is not None else DBSAMConfig()
         s = int(config.img_size)
         if s < 64 or s % 64:
             raise ConfigError(
@@ -183,14 +211,15 @@ class DBSAM(nn.Module):
         if config.depth % N_STAGES:
             raise ConfigError(f"{NAME}: depth={config.depth}", expected=f"a multiple of {N_STAGES} (4 equal stages)")
         dim = config.embed_dim
-        if dim % deform_heads:
+        if dim % config.deform_heads:
             raise ConfigError(
-                f"{NAME}: embed_dim={dim} is not divisible by deform_heads={deform_heads}",
+                f"{NAME}: embed_dim={dim} is not divisible by deform_heads={config.deform_heads}",
                 expected="deform_heads dividing the ViT width, e.g. 12 for 768",
             )
         self.config = config
         self.img_size = s
         self.stage_depth = config.depth // N_STAGES
+        self.loss_on_lowres = bool(config.loss_on_lowres)
 
         core = SamCore(config)
         self.image_encoder = core.image_encoder
@@ -198,25 +227,35 @@ class DBSAM(nn.Module):
         self.mask_decoder = core.mask_decoder
 
         self.cabs = nn.ModuleList(ChannelAttentionBlock(dim) for _ in range(N_STAGES))
-        self.conv_branch = ConvBranch(dim, conv_channels, input_size=s // 4)
+        self.conv_branch = ConvBranch(dim, config.conv_channels, input_size=s // 4)
         self.interactions = nn.ModuleList(
             BilateralCrossAttention(
-                dim, ConvBranch.n_levels, deform_heads, deform_points, ffn_ratio, drop=dropout, drop_path=drop_path
+                dim,
+                ConvBranch.n_levels,
+                config.deform_heads,
+                config.deform_points,
+                config.ffn_ratio,
+                drop=config.dropout,
+                drop_path=config.drop_path,
             )
             for _ in range(N_STAGES)
         )
-        self.fusion = FusionGate(dim, fusion_reduction)
+        self.fusion = FusionGate(dim, config.fusion_reduction)
         self.fusion_norm = nn.LayerNorm(dim)
         for name in _NEW_PARTS:
             _init_adapter(getattr(self, name))
         with torch.no_grad():
             nn.init.normal_(self.conv_branch.level_embed)
 
+        # Frozen: the SAM ViT body and the prompt encoder (the paper), and the decoder heads the single-mask path
+        # never reaches: the IoU head and the hypernetwork MLPs of the multimask tokens 1..3 (their masks are
+        # computed and dropped, so they get zero gradients, which AdamW's weight decay would still act on).
         frozen = [
             self.image_encoder.patch_embed,
             self.image_encoder.blocks,
             self.prompt_encoder,
             self.mask_decoder.iou_prediction_head,
+            *self.mask_decoder.output_hypernetworks_mlps[1:],
         ]
         for module in frozen:
             for p in module.parameters():
@@ -245,23 +284,14 @@ class DBSAM(nn.Module):
         fused = self.fusion_norm(self.fusion(t, shallow.permute(0, 2, 3, 1)))
         return enc.neck(fused.permute(0, 3, 1, 2))
 
-    def forward(self, x: Tensor, *, boxes: Tensor | None = None, points: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Segment the prompted object of each image.
+    def forward_low_res(
+        self, x: Tensor, *, boxes: Tensor | None = None, points: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """The mask decoder's low-resolution logits ``(B, 1, S/4, S/4)`` (256 x 256 for the paper's 1024 input).
 
-        Args:
-            x: SAM-normalised images ``(B, 3, S, S)``.
-            boxes: one box per image ``(B, 4)`` as ``(x0, y0, x1, y1)`` in pixels of the ``S x S`` frame.
-            points: ``(coords (B, N, 2), labels (B, N))``; coordinates ``(x, y)`` in pixels (x = column), label 1
-                foreground, 0 background.
-
-        Returns:
-            Mask logits ``(B, 1, S, S)`` (sigmoid > 0.5 is the mask), the same in training and evaluation mode.
-
-        Raises:
-            ModelInputError: wrong input shape or size, no prompt, or wrongly shaped prompts.
+        The paper's loss compares these with the 256 x 256 ground truth; see :meth:`forward` for the arguments.
         """
-        s = self.img_size
-        boxes, points = check_prompted_input(x, name=NAME, size=s, boxes=boxes, points=points)
+        boxes, points = check_prompted_input(x, name=NAME, size=self.img_size, boxes=boxes, points=points)
         embeddings = self.encode(x)
         sparse, dense = self.prompt_encoder(points, boxes, None)
         dtype = embeddings.dtype
@@ -272,6 +302,26 @@ class DBSAM(nn.Module):
             dense.to(dtype),
             multimask_output=False,
         )
+        return low_res
+
+    def forward(self, x: Tensor, *, boxes: Tensor | None = None, points: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Segment the prompted object of each image.
+
+        Args:
+            x: SAM-normalised images ``(B, 3, S, S)``.
+            boxes: one box per image ``(B, 4)`` as ``(x0, y0, x1, y1)`` in pixels of the ``S x S`` frame.
+            points: ``(coords (B, N, 2), labels (B, N))``; coordinates ``(x, y)`` in pixels (x = column), label 1
+                foreground, 0 background.
+
+        Returns:
+            Mask logits ``(B, 1, S, S)`` (sigmoid > 0.5 is the mask): :meth:`forward_low_res` upsampled bilinearly,
+            the same in training and evaluation mode.
+
+        Raises:
+            ModelInputError: wrong input shape or size, no prompt, or wrongly shaped prompts.
+        """
+        s = self.img_size
+        low_res = self.forward_low_res(x, boxes=boxes, points=points)
         return F.interpolate(low_res, size=(s, s), mode="bilinear", align_corners=False)
 
     # ----------------------------------------------------------------------------------------------- weights
@@ -313,7 +363,7 @@ _PAPER = (
     "Qin, Cao, Fu, Khan, Anwer, DB-SAM: Delving into High Quality Universal Medical Image Segmentation, "
     "MICCAI 2024, arXiv:2410.04172"
 )
-_IMG_SIZE = 1024
+_IMG_SIZE = DBSAMConfig.img_size
 
 _TINY: dict[str, Any] = {
     "img_size": 64,
@@ -332,72 +382,20 @@ _CARD = prompted_card(NAME, img_size=_IMG_SIZE, paper=_PAPER, reference_params=1
 
 
 @register_model(_CARD, tiny=_TINY)
-def db_sam(
-    in_channels: int = 3,
-    out_channels: int = 1,
-    img_size: int = _IMG_SIZE,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
-    window_size: int = 14,
-    global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
-    prompt_embed_dim: int = 256,
-    decoder_mlp_dim: int = 2048,
-    decoder_heads: int = 8,
-    conv_channels: int = 64,
-    deform_heads: int = 12,
-    deform_points: int = 4,
-    ffn_ratio: float = 4.0,
-    fusion_reduction: int = 4,
-    dropout: float = 0.1,
-    drop_path: float = 0.3,
-) -> DBSAM:
-    """Build DB-SAM as drawn in the paper (148.0 M parameters, 59.0 M trainable at the defaults).
+def db_sam(in_channels: int = 3, out_channels: int = 1, **kwargs: Any) -> DBSAM:
+    """Build DB-SAM as drawn in the paper (148.0 M parameters, 58.5 M trainable at the defaults).
 
     Args:
         in_channels: must be 3.
         out_channels: must be 1.
-        img_size: input side ``S`` (1024 in the paper; a multiple of 64).
-        embed_dim: ViT width.
-        depth: ViT blocks (4 equal stages).
-        num_heads: ViT attention heads.
-        window_size: ViT window-attention size.
-        global_attn_indexes: ViT blocks with global attention.
-        prompt_embed_dim: neck output / prompt encoder / decoder width.
-        decoder_mlp_dim: two-way transformer MLP width.
-        decoder_heads: two-way transformer heads.
-        conv_channels: stem width of the convolution branch.
-        deform_heads: heads of the deformable cross-attention.
-        deform_points: sampling points per head and level.
-        ffn_ratio: Mix-FFN hidden width / ViT width.
-        fusion_reduction: hidden width divisor of the fusion-gate MLPs.
-        dropout: dropout in the cross-attention blocks.
-        drop_path: stochastic depth of the cross-attention blocks.
+        **kwargs: fields of :class:`DBSAMConfig`: the SAM geometry (``img_size`` = input side ``S``, 1024 in the
+            paper, a multiple of 64; ``embed_dim``, ``depth``, ``num_heads``, ``window_size``,
+            ``global_attn_indexes``, ``prompt_embed_dim``, ``decoder_mlp_dim``, ``decoder_heads``, ...) and DB-SAM's
+            own sizes (``conv_channels``, ``deform_heads``, ``deform_points``, ``ffn_ratio``, ``fusion_reduction``,
+            ``dropout``, ``drop_path``, ``loss_on_lowres``).
 
     Raises:
-        ConfigError: ``in_channels != 3``, ``out_channels != 1`` or an inconsistent geometry.
+        ConfigError: ``in_channels != 3``, ``out_channels != 1``, an unknown keyword (named, with a suggestion) or an
+            inconsistent geometry.
     """
-    config = prompted_sam_config(
-        NAME,
-        in_channels,
-        out_channels,
-        img_size=img_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        global_attn_indexes=global_attn_indexes,
-        window_size=window_size,
-        prompt_embed_dim=prompt_embed_dim,
-        decoder_mlp_dim=decoder_mlp_dim,
-        decoder_heads=decoder_heads,
-    )
-    return DBSAM(
-        config,
-        conv_channels=int(conv_channels),
-        deform_heads=int(deform_heads),
-        deform_points=int(deform_points),
-        ffn_ratio=float(ffn_ratio),
-        fusion_reduction=int(fusion_reduction),
-        dropout=float(dropout),
-        drop_path=float(drop_path),
-    )
+    return DBSAM(build_sam_config(DBSAMConfig, NAME, in_channels, out_channels, overrides=kwargs))

@@ -2,7 +2,7 @@
 
 Paper: Y. Wu, K. Liao, J. Chen, J. Wang, D. Z. Chen, H. Gao, J. Wu, "D-Former: a U-shaped Dilated Transformer for 3D
 Medical Image Segmentation", Neural Computing and Applications 2022, arXiv:2201.00462. Written from the paper and the
-facts collected in ``MODELS.md`` §1; the released reference code (``kkk55596/D-Former``) carries no licence and was
+facts in ``docs/models/dformer.md``; the released reference code (``kkk55596/D-Former``) carries no licence and was
 not copied.
 
 Faithful to the released configuration (``SegNetwork`` defaults):
@@ -24,7 +24,8 @@ Faithful to the released configuration (``SegNetwork`` defaults):
     * Heads ``FinalPatchExpand_X4``: Linear(C, 32C, no bias), rearranged by the patch size (2, 4, 4) back to voxel
       resolution, LN(C), Conv3d 1x1x1 to the classes without bias. With deep supervision there is one head on the
       last decoder output (96) and one on each of the two expanded decoder features (192 at 1/2, 384 at 1/4
-      resolution), as upstream. 50,557,248 parameters at 1 in / 14 out with the three heads (``MODELS.md``: 50.56 M).
+      resolution), as upstream. 50,557,248 parameters at 1 in / 14 out with the three heads (the official definition
+      measures 50.56 M).
     * PyTorch default initialisation (upstream applies trunc-normal init only when loading 2D pretrained weights).
 
 Deviations and why:
@@ -480,7 +481,7 @@ _CARD = ModelCard(
     intensity_preset="ct",
     label_names=("background",) + tuple(f"label_{i}" for i in range(1, 14)),
     paper="Wu et al., D-Former, Neural Computing and Applications 2022, arXiv:2201.00462",
-    reference_params=50_560_000,
+    reference_params=50_557_248,  # exact count of this build at 1 in / 14 out (official code measured: 50.56 M)
     reference_config=dict(_PAPER_CONFIG),
 )
 

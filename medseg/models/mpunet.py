@@ -3,7 +3,7 @@
 Paper: Z. Yu, S. Han, Z. Song, "3D Medical Image Segmentation based on multi-scale MPU-Net", arXiv:2307.05799 (2023).
 **This is a re-implementation from the abstract**: no official code exists
 (``Corawill/MPU-Net`` and ``BinsonW/MPU-Net`` are unrelated networks with the same name) and only the abstract was
-available (``MODELS.md`` §6). No number of this module can be compared with the paper's table.
+available (``docs/models/mpunet.md``). No number of this module can be compared with the paper's table.
 
 What the abstract states, and what this module therefore contains:
     * A U-Net whose bottleneck carries a Transformer-inspired global attention built from "image serialisation" and a
@@ -30,9 +30,11 @@ Every assumption (none of these is stated in the abstract):
        **windowed with pooled keys**: the grid is cut into non-overlapping ``window``^3 windows (8^3 by default;
        per axis ``gcd(window, size)`` so every valid input is covered without padding), keys / values are the skip
        average-pooled ``kv_pool`` times (2 by default) inside the window, so each query attends to
-       ``(8 / 2)^3 = 64`` keys. Memory and compute are linear in the number of voxels (``N * 64`` scores per head).
-       Pre-norm (LayerNorm on channels for queries and keys), multi-head with head dim 32 (at least one head),
-       output projection, residual onto the decoder features.
+       ``(8 / 2)^3 = 64`` keys. An axis is pooled only where at least 2 keys remain along it, so no window ever
+       attends to a single key (on the coarsest decoder level of an input whose side is 16 x an odd number the window
+       is 2 voxels wide there, and its 2 keys stay unpooled). Memory and compute are linear in the number of voxels
+       (``N * 64`` scores per head). Pre-norm (LayerNorm on channels for queries and keys), multi-head with head dim
+       32 (at least one head), output projection, residual onto the decoder features.
     4. **Multi-scale module at every decoder level**: the attended decoder features are concatenated with the skip,
        reduced by a 1x1x1 conv - IN - LeakyReLU to the level width, then three parallel 3x3x3 conv - IN - LeakyReLU
        branches with dilations 1 / 2 / 3 are concatenated and fused by a 1x1x1 conv - IN, added to the block input
@@ -43,10 +45,12 @@ Every assumption (none of these is stated in the abstract):
        ``DynUNet`` does); in eval mode only the main logits.
     6. **Hybrid loss** = Dice + cross-entropy (equal weights) on the main output plus the same loss on the auxiliary
        outputs with halving weights ``0.5, 0.25, 0.125`` (main 1), normalised to sum 1; registered as
-       ``mpunet_hybrid`` in :mod:`medseg.training.losses_mpunet`.
+       ``mpunet_hybrid`` in :mod:`medseg.training.losses.mpunet` and the model's ``paper_loss``, so the trainer uses
+       it (and these weights, not nnU-Net's deep-supervision rule) unless ``train.loss`` names another.
     7. **Task / labels**: LiTS 2017 labels ``background / liver / tumour`` (3 softmax channels); the abstract's ~92 %
-       Dice looks like a liver(+tumour) figure (``MODELS.md`` §6.2), so report per label. CT intensity preset, ROI
-       128^3 (patch size and spacing are not stated; 128^3 matches the ``unet`` baseline's ROI).
+       Dice looks like a liver(+tumour) figure (its Dice / accuracy / specificity imply ~6 % foreground), so report
+       per label. CT intensity preset, ROI 128^3 (patch size and spacing are not stated; 128^3 matches the ``unet``
+       baseline's ROI).
 
 Size: 17,627,317 parameters at 1 in / 3 out in the default configuration (own count, used as ``reference_params``
 because the paper gives none): encoder 8,492,000; serialisation + PAM 292,201 (position embedding 163,840); decoder
@@ -159,10 +163,23 @@ class _WindowCrossAttention(nn.Module):
         self.kv = nn.Linear(channels, 2 * channels)
         self.proj = nn.Linear(channels, channels)
 
+    def windowing(self, grid: Sequence[int]) -> tuple[Grid, Grid]:
+        """Window and key / value pooling per axis for a level of spatial size ``grid``.
+
+        The window is ``gcd(window, size)`` per axis; keys / values are pooled by ``gcd(kv_pool, window)`` only where
+        that leaves at least 2 of them along the axis, so a small window (e.g. the 2 voxels of the coarsest decoder
+        level of an input whose sides are 16 x an odd number) keeps its keys unpooled instead of collapsing to a
+        single key, which would make the attention a constant copy of one value.
+        """
+        window: Grid = tuple(math.gcd(self.window, int(s)) for s in grid)  # type: ignore[assignment]
+        pool: Grid = tuple(  # type: ignore[assignment]
+            p if w // p >= 2 else 1 for w, p in ((w, math.gcd(self.kv_pool, w)) for w in window)
+        )
+        return window, pool
+
     def forward(self, dec: Tensor, skip: Tensor) -> Tensor:
         """``dec``, ``skip``: ``(B, C, D, H, W)`` on the same grid -> refined decoder features ``(B, C, D, H, W)``."""
-        window: Grid = tuple(math.gcd(self.window, s) for s in dec.shape[2:])  # type: ignore[assignment]
-        pool: Grid = tuple(math.gcd(self.kv_pool, w) for w in window)  # type: ignore[assignment]
+        window, pool = self.windowing(dec.shape[2:])
         kv_src = F.avg_pool3d(skip, pool) if max(pool) > 1 else skip
         kv_window: Grid = tuple(w // p for w, p in zip(window, pool, strict=True))  # type: ignore[assignment]
         q_tokens = _to_windows(dec, window)  # (B * nW, Nq, C)
@@ -224,12 +241,18 @@ class MPUNet(nn.Module):
         deep_supervision: in training mode also return ``deep_supr_num`` auxiliary outputs.
         deep_supr_num: number of auxiliary outputs (coarser decoder levels), below the number of downsamplings.
 
+    Attributes:
+        paper_loss: loss registry name the trainer uses by default: ``"mpunet_hybrid"``, whose own output weights
+            (1 / 0.5 / 0.25 / 0.125) replace nnU-Net's deep-supervision weighting.
+
     Examples::
 
         >>> net = MPUNet(1, 3, filters=(8, 16, 32, 64, 64)).eval()
         >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
         torch.Size([1, 3, 32, 32, 32])
     """
+
+    paper_loss = "mpunet_hybrid"
 
     def __init__(
         self,

@@ -1,13 +1,14 @@
 """Segment Anything (ViT-B) core shared by the SAM-based networks, and the official-checkpoint reader.
 
 Paper: A. Kirillov, E. Mintun, N. Ravi, H. Mao, C. Rolland, L. Gustafson, T. Xiao, S. Whitehead, A. C. Berg, W.-Y. Lo,
-P. Dollar, R. Girshick, "Segment Anything", arXiv:2304.02643 (2023). Written from the facts in ``MODELS.md`` §3.5 and
-§4.5 and the published architecture; the ``segment_anything`` package is not a dependency.
+P. Dollar, R. Girshick, "Segment Anything", arXiv:2304.02643 (2023). Written from the published architecture and the
+official checkpoint layout (``docs/models/sam.md``); the ``segment_anything`` package is not a dependency.
 
 * :class:`SamCore` = image encoder (ViT-B: 768 wide, 12 blocks, 12 heads, windows of 14, global attention in blocks
   2/5/8/11, neck to 256) + prompt encoder + mask decoder (two-way transformer depth 2, 8 heads, MLP 2048, 3 multimask
-  outputs + 1). Its ``state_dict()`` at :data:`VIT_B` has exactly the keys and shapes of ``sam_vit_b_01ec64.pth``
-  (93,735,728 parameters: encoder 89,671,168, prompt encoder 6,220, mask decoder 4,058,340).
+  outputs + 1). Its ``state_dict()`` at :data:`VIT_B` has exactly the keys and shapes of ``sam_vit_b_01ec64.pth``:
+  93,735,472 parameters (image encoder 89,670,912, prompt encoder 6,220, mask decoder 4,058,340) plus the prompt
+  encoder's 256-value Gaussian matrix, a buffer, so the file holds 93,735,728 values.
 * :func:`read_sam_checkpoint` reads and validates an official ViT-B file (or a fine-tune in the same layout, e.g.
   MedSAM's ``medsam_vit_b.pth``); :func:`resize_sam_state_dict` adapts it to another input size (bilinear resizing of
   the absolute position embedding and the global blocks' relative position tables, as SAMed / SAM-UNet do);
@@ -20,10 +21,12 @@ This module registers no model: it is the building block of the zoo's SAM family
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
+from medseg.core.registry import did_you_mean
 from medseg.models.card import ModelCard
 from medseg.models.checkpoint import load_state_dict_checked, read_weights_file
 from medseg.models.checks import check_input, check_prompts
@@ -43,6 +47,7 @@ __all__ = [
     "VIT_B",
     "SamConfig",
     "SamCore",
+    "build_sam_config",
     "load_sam_checkpoint",
     "official_sam_vit_b_shapes",
     "read_sam_checkpoint",
@@ -148,31 +153,40 @@ def prompted_card(name: str, *, img_size: int, paper: str, reference_params: int
         intensity_preset="sam",
         label_names=("foreground",),
         needs_prompts=True,
+        output="sigmoid",
         paper=paper,
         reference_params=reference_params,
         reference_config={},
     )
 
 
-def prompted_sam_config(
+ConfigT = TypeVar("ConfigT", bound=SamConfig)
+
+
+def build_sam_config(
+    cls: type[ConfigT],
     name: str,
     in_channels: int,
     out_channels: int,
-    *,
-    img_size: int,
-    embed_dim: int,
-    depth: int,
-    num_heads: int,
-    global_attn_indexes: Sequence[int],
-    window_size: int,
-    prompt_embed_dim: int,
-    decoder_mlp_dim: int,
-    decoder_heads: int,
-) -> SamConfig:
-    """The SAM core configuration of a promptable zoo model (``db_sam``, ``sam_unet_*``) from its builder keywords.
+    defaults: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ConfigT:
+    """The configuration of a promptable zoo model from its builder keywords (timm's ``cls(**dict(defaults, **kw))``).
+
+    The geometry fields are declared once, in :class:`SamConfig`; a model adds its own fields by subclassing it
+    (:class:`~medseg.models.db_sam.DBSAMConfig`, :class:`~medseg.models.sam_unet.SAMUNetConfig`). Lists (from YAML)
+    become tuples.
+
+    Args:
+        cls: the configuration dataclass (:class:`SamConfig` or a subclass).
+        name: registry name, used in error messages.
+        in_channels: must be 3 (RGB in).
+        out_channels: must be 1 (one mask per prompt out).
+        defaults: the variant's values, overridden by ``overrides``.
+        overrides: the builder's keyword arguments.
 
     Raises:
-        ConfigError: ``in_channels != 3`` or ``out_channels != 1`` (RGB in, one mask per prompt out), or an
+        ConfigError: other channel counts, keywords that are not fields of ``cls`` (named, with a suggestion), or an
             inconsistent geometry.
     """
     if in_channels != 3 or out_channels != 1:
@@ -181,17 +195,17 @@ def prompted_sam_config(
             expected="in_channels=3 and out_channels=1",
             hint="SAM models take RGB-replicated input (repeat a grey channel 3 times) and return one mask per prompt",
         )
-    return SamConfig(
-        img_size=int(img_size),
-        embed_dim=int(embed_dim),
-        depth=int(depth),
-        num_heads=int(num_heads),
-        global_attn_indexes=tuple(int(i) for i in global_attn_indexes),
-        window_size=int(window_size),
-        prompt_embed_dim=int(prompt_embed_dim),
-        decoder_mlp_dim=int(decoder_mlp_dim),
-        decoder_heads=int(decoder_heads),
-    )
+    values = {**dict(defaults or {}), **dict(overrides or {})}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        hints = [h for h in (did_you_mean(k, fields) for k in unknown) if h]
+        raise ConfigError(
+            f"model {name!r} does not accept the options {unknown}",
+            expected=f"keywords among {sorted(fields)}",
+            hint="; ".join(hints) or f"see {cls.__name__} for the keyword arguments of {name}",
+        )
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 class SamCore(nn.Module):
@@ -556,7 +570,7 @@ def _resize_rows(table: Tensor, rows: int) -> Tensor:
 
 
 def resize_sam_state_dict(state: Mapping[str, Tensor], config: SamConfig) -> dict[str, Tensor]:
-    """Adapt a 1024x1024 SAM state dict to ``config``'s input size (MODELS.md §4.5; SAMed / SAM-UNet rule).
+    """Adapt a 1024x1024 SAM state dict to ``config``'s input size (the SAMed / SAM-UNet rule).
 
     ``image_encoder.pos_embed`` ``(1, 64, 64, C)`` is resized bilinearly to ``(1, S/16, S/16, C)``; the relative
     position tables of the global blocks ``(127, D)`` bilinearly to ``(2 * S/16 - 1, D)``. Windowed blocks' tables

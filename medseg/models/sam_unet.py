@@ -1,8 +1,8 @@
 """SAM-UNet: SAM's ViT-B image encoder with a parallel convolutional U-Net branch, for promptable 2D segmentation.
 
 Paper: S. Yang, H. Bi, H. Zhang, J. Sun, "SAM-UNet: Enhancing Zero-Shot Segmentation of SAM for Universal Medical
-Images", arXiv:2408.09886. Written from the paper and the facts collected in ``MODELS.md`` §4; the upstream code
-(``Hhankyangg/sam-unet``) carries no licence and was not copied. Builds on the Segment Anything core
+Images", arXiv:2408.09886. Written from the paper and the official code's facts in ``docs/models/sam_unet.md``; the
+upstream code (``Hhankyangg/sam-unet``) carries no licence and was not copied. Builds on the Segment Anything core
 (Kirillov et al., arXiv:2304.02643) in :mod:`medseg.models.sam`.
 
 Faithful to the released model:
@@ -42,6 +42,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +66,14 @@ from medseg.models.registry import register_model
 from medseg.models.sam import (
     SamConfig,
     SamCore,
+    build_sam_config,
     prompted_card,
-    prompted_sam_config,
     read_sam_checkpoint,
     resize_sam_state_dict,
     split_sam_state_dict,
 )
 
-__all__ = ["Reshaper", "SAMUNet", "sam_unet_r34", "sam_unet_r50"]
+__all__ = ["Reshaper", "SAMUNet", "SAMUNetConfig", "sam_unet_r34", "sam_unet_r50"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,36 +212,48 @@ class MedMaskDecoder(nn.Module):
         return (hyper @ features.flatten(2)).view(b, 1, *features.shape[2:])
 
 
+@dataclass(frozen=True)
+class SAMUNetConfig(SamConfig):
+    """SAM geometry (the :class:`~medseg.models.sam.SamConfig` fields, built for 256 x 256 inputs) + the ResNet branch.
+
+    Attributes:
+        resnet_block: ``"bottleneck"`` (ResNet-50) or ``"basic"`` (ResNet-34).
+        resnet_layers: blocks per ResNet stage, ``(3, 4, 6, 3)`` for both.
+        resnet_inplanes: ResNet stage widths before block expansion, ``(64, 128, 256, 512)``.
+    """
+
+    img_size: int = 256
+    resnet_block: str = "bottleneck"
+    resnet_layers: tuple[int, ...] = (3, 4, 6, 3)
+    resnet_inplanes: tuple[int, ...] = (64, 128, 256, 512)
+
+
 class SAMUNet(nn.Module):
     """SAM-UNet (arXiv:2408.09886): frozen SAM ViT encoder + trainable ResNet branch + single-mask SAM decoder.
 
     Args:
         name: registry name, used in error messages.
-        config: SAM geometry (``img_size`` is the model input side ``S``; 4 global-attention blocks).
-        resnet_block: ``"bottleneck"`` (ResNet-50) or ``"basic"`` (ResNet-34).
-        resnet_layers: blocks per ResNet stage, ``(3, 4, 6, 3)`` for both.
-        resnet_inplanes: ResNet stage widths before block expansion, ``(64, 128, 256, 512)``.
+        config: SAM geometry and ResNet branch (``img_size`` is the model input side ``S``; 4 global-attention
+            blocks).
 
     Attributes:
         img_size: input side ``S``; the model takes ``(B, 3, S, S)``.
-        paper_loss: loss registry name of the paper's objective (focal + 20 x Dice).
+        paper_loss: loss registry name of the paper's objective (focal + 20 x Dice pooled over the batch).
         box_jitter: box augmentation rule of the paper (``"shift"``: one random offset per axis).
+        box_rule: how a box prompt is drawn from a label (``"largest_component"``: the bounding box of the largest
+            8-connected component, SAM-Med2D's rule that the release uses).
     """
 
     in_channels = 3
     out_channels = 1
     paper_loss = "sam_focal_dice"
     box_jitter = "shift"
+    box_rule = "largest_component"
 
-    def __init__(
-        self,
-        name: str,
-        config: SamConfig,
-        resnet_block: str = "bottleneck",
-        resnet_layers: Sequence[int] = (3, 4, 6, 3),
-        resnet_inplanes: Sequence[int] = (64, 128, 256, 512),
-    ) -> None:
+    def __init__(self, name: str = "sam_unet_r50", config: SAMUNetConfig | None = None) -> None:
         super().__init__()
+        config = config if config is not None else SAMUNetConfig()
+        resnet_block = config.resnet_block
         self.name = name
         self.config = config
         s = int(config.img_size)
@@ -254,8 +267,8 @@ class SAMUNet(nn.Module):
             )
         if resnet_block not in _RESNET_BLOCKS:
             raise ConfigError(f"{name}: resnet_block={resnet_block!r}", expected="'bottleneck' or 'basic'")
-        layers = _ints(resnet_layers, "resnet_layers", 4)
-        inplanes = _ints(resnet_inplanes, "resnet_inplanes", 4)
+        layers = _ints(config.resnet_layers, "resnet_layers", 4)
+        inplanes = _ints(config.resnet_inplanes, "resnet_inplanes", 4)
         self.img_size = s
         self.global_attn_indexes = globals_
         grid = config.grid
@@ -460,7 +473,7 @@ _PAPER = (
     "Yang, Bi, Zhang, Sun, SAM-UNet: Enhancing Zero-Shot Segmentation of SAM for Universal Medical Images, "
     "arXiv:2408.09886"
 )
-_IMG_SIZE = 256
+_IMG_SIZE = SAMUNetConfig.img_size
 
 
 def _card(name: str, reference_params: int) -> ModelCard:
@@ -498,119 +511,50 @@ def _holds_resnet_weights(path: Path) -> bool:
     return "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys)
 
 
-def _build(
-    name: str,
-    resnet_block: str,
-    in_channels: int,
-    out_channels: int,
-    img_size: int,
-    embed_dim: int,
-    depth: int,
-    num_heads: int,
-    window_size: int,
-    global_attn_indexes: Sequence[int],
-    prompt_embed_dim: int,
-    decoder_mlp_dim: int,
-    decoder_heads: int,
-    resnet_layers: Sequence[int],
-    resnet_inplanes: Sequence[int],
-) -> SAMUNet:
-    config = prompted_sam_config(
-        name,
-        in_channels,
-        out_channels,
-        img_size=img_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        global_attn_indexes=global_attn_indexes,
-        window_size=window_size,
-        prompt_embed_dim=prompt_embed_dim,
-        decoder_mlp_dim=decoder_mlp_dim,
-        decoder_heads=decoder_heads,
-    )
-    return SAMUNet(name, config, resnet_block, resnet_layers, resnet_inplanes)
+# Variant -> the SAMUNetConfig values that make it (the rest are the paper's defaults).
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "sam_unet_r50": {"resnet_block": "bottleneck"},
+    "sam_unet_r34": {"resnet_block": "basic"},
+}
 
 
-@register_model(_card("sam_unet_r50", 138_430_000), tiny=_TINY)
-def sam_unet_r50(
-    in_channels: int = 3,
-    out_channels: int = 1,
-    img_size: int = _IMG_SIZE,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
-    window_size: int = 14,
-    global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
-    prompt_embed_dim: int = 256,
-    decoder_mlp_dim: int = 2048,
-    decoder_heads: int = 8,
-    resnet_layers: Sequence[int] = (3, 4, 6, 3),
-    resnet_inplanes: Sequence[int] = (64, 128, 256, 512),
-) -> SAMUNet:
+def _create(name: str, in_channels: int, out_channels: int, **kwargs: Any) -> SAMUNet:
+    config = build_sam_config(SAMUNetConfig, name, in_channels, out_channels, _VARIANTS[name], kwargs)
+    return SAMUNet(name, config)
+
+
+@register_model(_card("sam_unet_r50", 138_428_204), tiny=_TINY)
+def sam_unet_r50(in_channels: int = 3, out_channels: int = 1, **kwargs: Any) -> SAMUNet:
     """Build SAM-UNet with a ResNet-50 branch; the defaults are the paper's (138.4 M parameters, 51.8 M trainable).
 
     Args:
         in_channels: must be 3.
         out_channels: must be 1.
-        img_size: input side ``S`` (256 in the paper).
-        embed_dim: ViT width.
-        depth: ViT blocks.
-        num_heads: ViT attention heads.
-        window_size: ViT window-attention size.
-        global_attn_indexes: the 4 global-attention blocks; ResNet features are added before each.
-        prompt_embed_dim: prompt encoder / decoder width.
-        decoder_mlp_dim: two-way transformer MLP width.
-        decoder_heads: two-way transformer heads.
-        resnet_layers: bottleneck blocks per ResNet stage.
-        resnet_inplanes: ResNet stage widths before the x4 bottleneck expansion.
+        **kwargs: fields of :class:`SAMUNetConfig`: the SAM geometry (``img_size`` = input side ``S``, 256 in the
+            paper; ``embed_dim``, ``depth``, ``num_heads``, ``window_size``, ``global_attn_indexes`` (the 4
+            global-attention blocks; ResNet features are added before each), ``prompt_embed_dim``,
+            ``decoder_mlp_dim``, ``decoder_heads``, ...) and the ResNet branch (``resnet_layers``: bottleneck blocks
+            per stage, ``resnet_inplanes``: stage widths before the x4 expansion).
 
     Raises:
-        ConfigError: ``in_channels != 3``, ``out_channels != 1`` or an inconsistent geometry.
+        ConfigError: ``in_channels != 3``, ``out_channels != 1``, an unknown keyword (named, with a suggestion) or an
+            inconsistent geometry.
     """
-    return _build(
-        "sam_unet_r50", "bottleneck", in_channels, out_channels, img_size, embed_dim, depth, num_heads, window_size,
-        global_attn_indexes, prompt_embed_dim, decoder_mlp_dim, decoder_heads, resnet_layers, resnet_inplanes,
-    )  # fmt: skip
+    return _create("sam_unet_r50", in_channels, out_channels, **kwargs)
 
 
-@register_model(_card("sam_unet_r34", 116_020_000), tiny=_TINY)
-def sam_unet_r34(
-    in_channels: int = 3,
-    out_channels: int = 1,
-    img_size: int = _IMG_SIZE,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
-    window_size: int = 14,
-    global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
-    prompt_embed_dim: int = 256,
-    decoder_mlp_dim: int = 2048,
-    decoder_heads: int = 8,
-    resnet_layers: Sequence[int] = (3, 4, 6, 3),
-    resnet_inplanes: Sequence[int] = (64, 128, 256, 512),
-) -> SAMUNet:
-    """Build SAM-UNet with a ResNet-34 branch (the multi-GPU recipe; 116.0 M parameters, 29.4 M trainable).
+@register_model(_card("sam_unet_r34", 116_019_884), tiny=_TINY)
+def sam_unet_r34(in_channels: int = 3, out_channels: int = 1, **kwargs: Any) -> SAMUNet:
+    """Build SAM-UNet with a ResNet-34 branch (the multi-GPU recipe; 116.0 M parameters, 29.3 M trainable).
 
     Args:
         in_channels: must be 3.
         out_channels: must be 1.
-        img_size: input side ``S`` (256 in the paper).
-        embed_dim: ViT width.
-        depth: ViT blocks.
-        num_heads: ViT attention heads.
-        window_size: ViT window-attention size.
-        global_attn_indexes: the 4 global-attention blocks; ResNet features are added before each.
-        prompt_embed_dim: prompt encoder / decoder width.
-        decoder_mlp_dim: two-way transformer MLP width.
-        decoder_heads: two-way transformer heads.
-        resnet_layers: basic blocks per ResNet stage.
-        resnet_inplanes: ResNet stage widths.
+        **kwargs: fields of :class:`SAMUNetConfig`, as for :func:`sam_unet_r50` (``resnet_layers`` counts basic
+            blocks here).
 
     Raises:
-        ConfigError: ``in_channels != 3``, ``out_channels != 1`` or an inconsistent geometry.
+        ConfigError: ``in_channels != 3``, ``out_channels != 1``, an unknown keyword (named, with a suggestion) or an
+            inconsistent geometry.
     """
-    return _build(
-        "sam_unet_r34", "basic", in_channels, out_channels, img_size, embed_dim, depth, num_heads, window_size,
-        global_attn_indexes, prompt_embed_dim, decoder_mlp_dim, decoder_heads, resnet_layers, resnet_inplanes,
-    )  # fmt: skip
+    return _create("sam_unet_r34", in_channels, out_channels, **kwargs)

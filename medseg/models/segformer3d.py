@@ -2,7 +2,7 @@
 
 Paper: S. Perera, P. Navard, A. Yilmaz, "SegFormer3D: an Efficient Transformer for 3D Medical Image Segmentation",
 CVPR Workshops (DEF-AI-MIA) 2024, arXiv:2404.10156. Written from the paper and the facts collected in
-``MODELS.md`` §2; the upstream code (``OSUPCVLab/SegFormer3D``) is GPL-3.0 and was not copied.
+``docs/models/segformer3d.md``; the upstream code (``OSUPCVLab/SegFormer3D``) is GPL-3.0 and was not copied.
 
 Faithful to the paper configuration:
     * 4-stage Mix-Transformer encoder, overlapping patch embeddings Conv3d (k7, s4, p3) then (k3, s2, p1) x 3, each
@@ -16,7 +16,8 @@ Faithful to the paper configuration:
       the order [c4, c3, c2, c1], Conv3d 1x1x1 (no bias) + BatchNorm3d + ReLU, dropout 0, Conv3d 1x1x1 to the classes,
       x4 trilinear upsampling to the input size.
     * Init: Linear trunc-normal(0.02) / bias 0; LayerNorm and BatchNorm weight 1 / bias 0; Conv3d
-      normal(0, sqrt(2 / fan_out)) / bias 0. 4,525,251 parameters at 4 in / 3 out (paper: 4.51 M).
+      normal(0, sqrt(2 / fan_out)) / bias 0. 4,525,251 parameters at 4 in / 3 out, exactly the official current code's
+      count (the paper's 4.51 M is an older revision of that code, 4,511,939).
 
 Deviations and why:
     * **No cube-only restriction.** Upstream recovers the token grid with ``cube_root(N)`` and so needs D = H = W.
@@ -25,9 +26,13 @@ Deviations and why:
       identical.
     * The final upsampling targets the input size rather than a fixed scale factor of 4 (identical for valid
       inputs). Inputs are validated first with :func:`medseg.models.checks.check_input`.
-    * Output: medseg's contract is one logit channel per class with softmax (mutually exclusive labels, background
-      included). The paper's BraTS setup (sigmoid over overlapping TC / WT / ET channels) is a loss / label choice and
-      needs no architectural change: train with a sigmoid loss on region labels to reproduce it.
+    * **Output convention** (``card.output == "softmax"``, :attr:`SegFormer3D.output`): one logit channel per
+      mutually exclusive class, background included, label = argmax. The paper's BraTS model instead has 3 **sigmoid**
+      channels for the overlapping regions tumour core (TC), whole tumour (WT) and enhancing tumour (ET), trained with
+      a sigmoid Dice loss. The network is the same (only the meaning of the output channels differs), so medseg
+      trains the 4 BraTS classes of the MSD relabelling (0 background, 1 oedema, 2 non-enhancing tumour, 3 enhancing
+      tumour) with softmax Dice + CE, and the paper's regions are unions of the predicted classes: WT = 1 | 2 | 3,
+      TC = 2 | 3, ET = 3 (``configs/segformer3d_brats.yaml``).
     * Optional stochastic depth (``drop_path_rate``, MONAI ``DropPath``; default 0 as in the paper).
     * State-dict key names are our own, so upstream checkpoints need a key mapping to be loaded.
 
@@ -247,6 +252,10 @@ class SegFormer3D(nn.Module):
         drop_path_rate: stochastic-depth rate, increased linearly over all blocks (paper: 0).
         decoder_dropout: dropout before the classifier (paper: 0).
 
+    Attributes:
+        output: ``"softmax"``: the output channels are mutually exclusive classes (see the module docstring for the
+            paper's sigmoid regions).
+
     Examples::
 
         >>> net = SegFormer3D(in_channels=4, out_channels=3)
@@ -268,11 +277,14 @@ class SegFormer3D(nn.Module):
         decoder_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.output = "softmax"
         _check_config(embed_dims, num_heads, sr_ratios, depths, mlp_ratio, decoder_dim, drop_path_rate)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.divisible_by = (_DIVISOR,) * 3
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # plain floats rather than torch.linspace(...).tolist(), which cannot read values back on the meta device
+        n_blocks = sum(depths)
+        rates = [drop_path_rate * i / (n_blocks - 1) if n_blocks > 1 else 0.0 for i in range(n_blocks)]
         stages, cursor, prev = [], 0, in_channels
         for i, dim in enumerate(embed_dims):
             blocks = [_Block(dim, num_heads[i], sr_ratios[i], mlp_ratio, rates[cursor + j]) for j in range(depths[i])]
@@ -343,9 +355,10 @@ _CARD = ModelCard(
     target_spacing=None,
     intensity_preset="mri",
     label_names=("background", "label_1", "label_2"),
+    output="softmax",
     paper="Perera, Navard, Yilmaz, SegFormer3D: an Efficient Transformer for 3D Medical Image Segmentation, "
     "CVPR-W 2024, arXiv:2404.10156",
-    reference_params=4_510_000,
+    reference_params=4_525_251,  # the official current code's count at 4 in / 3 out (paper: 4.51 M)
     reference_config=dict(_PAPER_CONFIG),
 )
 

@@ -2,8 +2,8 @@
 
 Paper: Z. Huang, H. Wang, Z. Deng, J. Ye, Y. Su, H. Sun, J. He, Y. Gu, L. Gu, S. Zhang, Y. Qiao, "STU-Net: Scalable
 and Transferable Medical Image Segmentation Models Empowered by Large-Scale Supervised Pre-training",
-arXiv:2304.06716 (2023). Written from the facts in ``MODELS.md`` §7; the official code (``uni-medical/STU-Net``,
-Apache-2.0, inside vendored nnU-Net 1.7.1 / 2.2) was read, not copied.
+arXiv:2304.06716 (2023). Written from the facts in ``docs/models/stunet.md``; the official code
+(``uni-medical/STU-Net``, Apache-2.0, inside vendored nnU-Net 1.7.1 / 2.2) was read, not copied.
 
 Faithful to the official network:
     * 6 resolution stages / 5 downsamplings, widths ``base x [1, 2, 4, 8, 16, 16]`` and ``depth`` residual blocks per
@@ -17,7 +17,8 @@ Faithful to the official network:
       decoder stage (5 heads = deep supervision).
     * State-dict keys are the official ones (``conv_blocks_context.{s}.{b}.{conv1,norm1,conv2,norm2,conv3}``,
       ``upsample_layers.{u}.conv``, ``conv_blocks_localization.{u}.{b}.*``, ``seg_outputs.{u}``) so official
-      checkpoints load with :func:`load_stunet_checkpoint`, which follows the official fine-tuning rules.
+      checkpoints load with :func:`load_stunet_checkpoint`, which follows the official fine-tuning rules
+      (:meth:`STUNet.load_pretrained`: ``medseg train DATA --model stunet_b --pretrained base_ep4k.model``).
     * Defaults = the TotalSegmentator pre-training plan: 128^3 patch at 1.5 mm, pools ``[[2, 2, 2]] * 4 + [[1, 1, 2]]``
       (so inputs must be multiples of (16, 16, 32)), all kernels 3x3x3, 1 input channel, 105 outputs; He
       initialisation (nnU-Net ``InitWeights_He(1e-2)``, as the nnU-Net v1 code the released models were trained with).
@@ -34,8 +35,10 @@ Deviations and why:
       the 5 outputs at their native resolutions in train *and* eval mode.
     * Inputs are checked first (rank, channels, divisibility by the product of the pools, a bottleneck of more than
       one voxel, which InstanceNorm needs).
-    * The released models were trained with per-image z-score normalisation ("nonCT" in their plan); the card's
-      preset is ``"ct"`` (the modality). To run the released weights use a z-score preset in the data config.
+    * Intensities: the card's preset is ``"zscore"``, nnU-Net's ``ZScoreNormalization`` over all voxels
+      (``(x - mean) / max(std, 1e-8)`` per channel, :func:`medseg.transforms.presets.zscore`), the "nonCT" scheme of
+      the TotalSegmentator plan the released weights were trained with, although the data are CT. Training from
+      scratch on CT may prefer ``data.preset: ct`` (a fixed HU window).
 """
 
 from __future__ import annotations
@@ -259,6 +262,22 @@ class STUNet(nn.Module):
         self.decoder = _DeepSupervisionSwitch(deep_supervision)
         self.apply(_init_he)
 
+    def load_pretrained(self, path: str | Path, sha256: str | None = None) -> None:
+        """Start from official STU-Net weights with the official fine-tuning rule (``medseg train --pretrained``).
+
+        The segmentation heads ``seg_outputs.*`` are skipped (they keep their fresh initialisation, whatever the
+        number of classes), a 1-channel stem is repeated for ``N`` input channels, and every other tensor must be
+        present with the same shape: see :func:`load_stunet_checkpoint` (``finetune=True``).
+
+        Args:
+            path: an nnU-Net v1 ``.model``, v2 ``.pth`` (``network_weights``) or bare state-dict file.
+            sha256: expected hex digest of the file, checked before reading.
+
+        Raises:
+            WeightsError: unreadable file, digest mismatch, or missing / unexpected / mis-shaped non-head keys.
+        """
+        load_stunet_checkpoint(self, path, finetune=True, sha256=sha256)
+
     @property
     def deep_supervision(self) -> bool:
         """Whether the deep-supervision heads are returned (stored on ``self.decoder`` for nnU-Net's trainer)."""
@@ -426,7 +445,7 @@ def _card(name: str) -> ModelCard:
         roi_size=(128, 128, 128),
         divisible_by=tuple(math.prod(p[a] for p in DEFAULT_POOL_OP_KERNEL_SIZES) for a in range(3)),
         target_spacing=(1.5, 1.5, 1.5),
-        intensity_preset="ct",
+        intensity_preset="zscore",  # the released weights' "nonCT" plan: z-score over all voxels
         label_names=("background", *(f"label_{i}" for i in range(1, 105))),
         paper=_PAPER,
         reference_params=_REFERENCE_PARAMS[name],

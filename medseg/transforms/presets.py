@@ -7,17 +7,24 @@ trainer and the predictor use; the predictor maps its output back to the input g
 * ``ct``: clip to a HU window and scale it to [0, 1] (nnU-Net clips to percentiles of the foreground; a fixed
   window is simpler to reason about and is what radiologists set).
 * ``mri``: z-score over the non-zero voxels of each channel (nnU-Net's MRI normalisation).
+* ``zscore``: nnU-Net v2's ``ZScoreNormalization`` without a mask, the "nonCT" scheme the released STU-Net weights
+  were trained with: per channel over **all** voxels, ``(x - mean) / max(std, 1e-8)`` (population std). MONAI's
+  ``NormalizeIntensity`` differs in the guard (it divides by 1 only when std is exactly 0), so this one transform
+  is medseg's own (:class:`ZScoreNormalized`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
+import torch
 from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
     FgBgToIndicesd,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
@@ -37,13 +44,45 @@ from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
 from medseg.transforms.io import LoadImaged
 
-PRESETS = ("ct", "mri")
+PRESETS = ("ct", "mri", "zscore")
 FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # medseg tensors are RAS
 
 
+def zscore(image: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """nnU-Net's ``ZScoreNormalization`` of every channel of ``image`` ``(C, *S)`` over all its voxels.
+
+    ``(x - mean) / max(std, eps)`` with the population standard deviation, computed in float64 and returned in
+    float32 (nnU-Net's target dtype). The type (e.g. ``MetaTensor`` and its affine) is kept.
+    """
+    x = image.double()
+    dims = tuple(range(1, x.ndim))
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True, correction=0).clamp_min(eps)
+    return ((x - mean) / std).float()
+
+
+class ZScoreNormalized(MapTransform):
+    """Dictionary transform applying :func:`zscore` to ``keys`` (nnU-Net ``ZScoreNormalization``, no mask).
+
+    Args:
+        keys: the keys to normalise.
+        eps: lower bound of the standard deviation.
+    """
+
+    def __init__(self, keys: Any, eps: float = 1e-8) -> None:
+        super().__init__(keys)
+        self.eps = eps
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = zscore(torch.as_tensor(d[key]) if not isinstance(d[key], torch.Tensor) else d[key], self.eps)
+        return d
+
+
 def intensity(preset: str, ct_window: tuple[float, float] = (-1000.0, 1000.0)) -> list:
-    """Intensity normalisation of the ``image`` key for ``preset`` (``ct`` or ``mri``)."""
+    """Intensity normalisation of the ``image`` key for ``preset`` (one of :data:`PRESETS`)."""
     if preset == "ct":
         low, high = ct_window
         if not low < high:
@@ -51,6 +90,8 @@ def intensity(preset: str, ct_window: tuple[float, float] = (-1000.0, 1000.0)) -
         return [ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)]
     if preset == "mri":
         return [NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True)]
+    if preset == "zscore":
+        return [ZScoreNormalized(IMAGE)]
     raise ConfigError(f"unknown intensity preset {preset!r}", expected=f"one of {PRESETS}")
 
 
@@ -66,7 +107,7 @@ def preprocessing(
     """Deterministic part: load, RAS orientation, resampling, intensity, optional foreground crop.
 
     Args:
-        preset: ``ct`` or ``mri``.
+        preset: one of :data:`PRESETS`.
         spacing: target spacing in mm, or ``None`` to keep the image's own.
         with_label: also process the ``label`` key (nearest-neighbour resampling).
         ct_window: HU window of the CT preset.
@@ -78,7 +119,7 @@ def preprocessing(
     """
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    steps: list = [LoadImaged(keys)] if load else []
+    steps: list = [LoadImaged(keys, allow_external_data=True)] if load else []  # dataset files on local disk
     steps.append(Orientationd(keys, axcodes="RAS", labels=RAS_LABELS))
     if spacing is not None:
         steps.append(Spacingd(keys, pixdim=tuple(spacing), mode=modes))
@@ -139,7 +180,7 @@ def augmentation(preset: str) -> list:
         RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.15),
         RandGaussianNoised(IMAGE, prob=0.1, std=0.05),
     ]
-    if preset == "mri":
+    if preset in ("mri", "zscore"):
         steps.append(RandAdjustContrastd(IMAGE, prob=0.15, gamma=(0.7, 1.5)))
     return steps
 

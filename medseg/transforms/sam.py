@@ -9,9 +9,11 @@ Axis convention: the slice ``z`` of a volume ``(C, X, Y, Z)`` is the 2D image ``
 ``(x0, y0, x1, y1)`` in voxel indices (``x`` the first spatial axis) is directly SAM's ``(x, y)`` box. Boxes are
 inclusive index extents: ``x1`` is the last column of the object (as MedSAM builds them, arXiv 2304.12306).
 
-Training-time box jitter follows the two papers: DB-SAM (arXiv 2410.04172) enlarges each side by ``U{0..19}`` pixels
-on a 256 grid; SAM-UNet (arXiv 2408.09886) translates the box of the largest connected component by one random
-integer offset per axis in ``[-m, m)``, ``m = min(5, int(0.5 * min(w, h)))``.
+Box prompts from a label follow each paper's rule (:data:`BOX_RULES`, declared by the model as ``box_rule``): DB-SAM
+(arXiv 2410.04172) boxes all foreground pixels (``bbox(mask > 0)``, as MedSAM), SAM-UNet (arXiv 2408.09886) the largest
+8-connected component (as SAM-Med2D). Training-time box jitter follows the two papers too: DB-SAM enlarges each side
+by ``U{0..19}`` pixels on a 256 grid; SAM-UNet translates the box by one random integer offset per axis in
+``[-m, m)``, ``m = min(5, int(0.5 * min(w, h)))``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-from medseg.core.errors import ModelInputError
+from medseg.core.errors import ConfigError, ModelInputError
+from medseg.core.registry import did_you_mean
 from medseg.models.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 __all__ = [
     "BOX_JITTER",
+    "BOX_RULES",
+    "DEFAULT_BOX_RULE",
     "SamFrame",
     "box_from_mask",
+    "box_rule_of",
     "enlarge_box",
     "prepare_mask",
     "prepare_slice",
@@ -206,23 +212,55 @@ def prepare_mask(mask: Tensor, size: int) -> Tensor:
     return out.to(m.dtype)
 
 
-def box_from_mask(mask: Tensor | np.ndarray, largest_component: bool = True) -> BoxInt | None:
+#: How a model draws a box prompt from a label: ``"all_pixels"`` boxes every foreground pixel (DB-SAM / MedSAM:
+#: ``bbox(mask > 0)``), ``"largest_component"`` only the largest 8-connected component (SAM-Med2D / SAM-UNet).
+BOX_RULES = ("all_pixels", "largest_component")
+DEFAULT_BOX_RULE = "largest_component"
+
+
+def box_rule_of(model: object) -> str:
+    """The box rule a prompted model declares as ``model.box_rule`` (:data:`DEFAULT_BOX_RULE` when it names none).
+
+    Raises:
+        ConfigError: the model names a rule outside :data:`BOX_RULES`.
+    """
+    rule = getattr(model, "box_rule", None) or DEFAULT_BOX_RULE
+    _check_rule(rule)
+    return str(rule)
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in BOX_RULES:
+        raise ConfigError(
+            f"unknown box rule {rule!r}",
+            expected=f"one of {BOX_RULES}",
+            hint=did_you_mean(rule, list(BOX_RULES)) or None,
+        )
+
+
+def box_from_mask(mask: Tensor | np.ndarray, rule: str = DEFAULT_BOX_RULE) -> BoxInt | None:
     """Inclusive bounding box ``(x0, y0, x1, y1)`` (``x`` = column) of a slice mask ``(rows, cols)``.
 
     Args:
         mask: boolean (or 0/1) slice mask ``(rows, cols)``.
-        largest_component: box only the largest 8-connected component (ties: the first in raster order), as
-            SAM-Med2D / SAM-UNet do; otherwise box every foreground pixel.
+        rule: ``"largest_component"`` boxes only the largest 8-connected component (ties: the first in raster
+            order), as SAM-Med2D / SAM-UNet do; ``"all_pixels"`` boxes every foreground pixel, as DB-SAM / MedSAM do.
+            A model declares its own as ``box_rule`` (see :func:`box_rule_of`).
 
     Returns:
         The box, or ``None`` for an empty mask.
+
+    Raises:
+        ModelInputError: ``mask`` is not 2-D.
+        ConfigError: unknown ``rule``.
     """
+    _check_rule(rule)
     m = np.asarray(mask.detach().cpu() if isinstance(mask, Tensor) else mask).astype(bool)
     if m.ndim != 2:
         raise ModelInputError(f"mask has shape {m.shape}", expected="a 2-D mask (rows, cols)")
     if not m.any():
         return None
-    if largest_component:
+    if rule == "largest_component":
         labels, n = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
         if n > 1:
             sizes = np.bincount(labels.ravel())[1:]

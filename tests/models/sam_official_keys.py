@@ -1,6 +1,6 @@
 """The key -> shape table of the official ``sam_vit_b_01ec64.pth``, re-stated independently of ``medseg.models.sam``.
 
-Written as per-module templates from the segment_anything ViT-B description (arXiv:2304.02643; MODELS.md §3.5):
+Written as per-module templates from the segment_anything ViT-B description (arXiv:2304.02643; docs/models/sam.md):
 image encoder 768 wide, 12 blocks, head width 64, global blocks 2/5/8/11 with (127, 64) tables, windowed blocks with
 (27, 64) tables; prompt encoder of width 256; mask decoder with a depth-2 two-way transformer.
 """

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
 
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
 from medseg.models import count_parameters, create_model, get_card, tiny_overrides
-from medseg.models.db_sam import DBSAM
+from medseg.models.db_sam import DBSAM, DBSAMConfig
 from medseg.models.layers.db_sam_parts import ChannelAttentionBlock
 from medseg.models.layers.ms_deform_attn import MSDeformAttn
 from medseg.models.sam import write_synthetic_sam_checkpoint
@@ -40,6 +42,9 @@ def expected_frozen(names: list[str]) -> set[str]:
         "image_encoder.blocks.",
         "prompt_encoder.",
         "mask_decoder.iou_prediction_head.",
+        "mask_decoder.output_hypernetworks_mlps.1.",
+        "mask_decoder.output_hypernetworks_mlps.2.",
+        "mask_decoder.output_hypernetworks_mlps.3.",
     )
     return {n for n in names if n.startswith(prefixes)}
 
@@ -84,9 +89,11 @@ def test_full_build_on_meta_device() -> None:
     assert frozen_names(model) == expected_frozen(names)
     vit_body = n_params(model.image_encoder) - n_params(model.image_encoder.neck)
     assert abs(vit_body - 88.9e6) <= 0.01 * 88.9e6
-    assert count_parameters(model, trainable_only=True) == total - vit_body - 6_220 - n_params(
-        model.mask_decoder.iou_prediction_head
+    unused_heads = n_params(model.mask_decoder.iou_prediction_head) + sum(
+        n_params(mlp) for mlp in model.mask_decoder.output_hypernetworks_mlps[1:]
     )
+    assert unused_heads == 132_612 + 3 * 139_808
+    assert count_parameters(model, trainable_only=True) == total - vit_body - 6_220 - unused_heads == 58_541_632
 
 
 def test_card_and_contract_attributes() -> None:
@@ -99,6 +106,8 @@ def test_card_and_contract_attributes() -> None:
         3,
         1,
     )
+    assert DBSAM.paper_schedule == "poly" and DBSAM.box_rule == "all_pixels"
+    assert card.output == "sigmoid"
     with pytest.raises(ConfigError, match="in_channels=3"):
         create_model("db_sam", in_channels=1)
     with pytest.raises(ConfigError, match="out_channels=1"):
@@ -236,3 +245,121 @@ def test_tiny_model_learns_bright_discs() -> None:
         optim.step()
     end = val_loss()
     assert end < 0.6 * start, (start, end)
+
+
+# -- configuration dataclass -----------------------------------------------------------------------------------------
+
+
+def test_builder_keywords_go_into_the_config_dataclass() -> None:
+    with torch.device("meta"):
+        model = create_model("db_sam", img_size=256, conv_channels=32, global_attn_indexes=[2, 5, 8, 11])
+    assert isinstance(model.config, DBSAMConfig) and model.config.img_size == 256
+    assert model.config.conv_channels == 32 and model.config.global_attn_indexes == (2, 5, 8, 11)
+    assert model.card.roi_size == (256, 256) and model.image_encoder.pos_embed.shape == (1, 16, 16, 768)
+    with pytest.raises(ConfigError, match=r"does not accept the options \['img_sise'\]") as info:
+        create_model("db_sam", img_sise=256)
+    assert "did you mean 'img_size'" in str(info.value)
+    with pytest.raises(ConfigError, match="invalid SamConfig"):
+        create_model("db_sam", embed_dim=50, num_heads=12)
+
+
+# -- the paper's low-resolution loss and box rule --------------------------------------------------------------------
+
+
+def test_low_res_logits_are_the_decoder_output_that_forward_upsamples(tiny_model: DBSAM) -> None:
+    model = tiny_model.eval()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, S, S)
+    with torch.no_grad():
+        low = model.forward_low_res(x, boxes=BOXES)
+        full = model(x, boxes=BOXES)
+    assert low.shape == (2, 1, S // 4, S // 4) and full.shape == (2, 1, S, S)
+    up = torch.nn.functional.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(full, up)
+    assert model.loss_on_lowres and not tiny(loss_on_lowres=False).loss_on_lowres
+
+
+def test_backward_reaches_every_decoder_parameter_except_the_frozen_unused_heads() -> None:
+    """With everything unfrozen, the single-mask loss leaves exactly the heads DB-SAM freezes without gradient."""
+    model = tiny().train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(4)
+    x, target = torch.randn(2, 3, S, S), (torch.rand(2, 1, S // 4, S // 4) > 0.5).float()
+    loss = DiceCELoss(sigmoid=True, squared_pred=True)(model.forward_low_res(x, boxes=BOXES), target)
+    loss.backward()
+    dead = {n for n, p in model.mask_decoder.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)}
+    frozen = {n for n, p in tiny().mask_decoder.named_parameters() if not p.requires_grad}
+    assert dead == frozen
+    assert {n.split(".")[0] for n in frozen} == {"iou_prediction_head", "output_hypernetworks_mlps"}
+    assert {n.split(".")[1] for n in frozen if n.startswith("output_")} == {"1", "2", "3"}
+
+
+def _two_blob_case(tmp_path: Path) -> dict[str, object]:
+    """A 40 x 40 x 2 volume whose label has a large and a small blob on slice 0 (voxel (x, y) = SAM (col, row))."""
+    image = np.random.default_rng(0).normal(size=(40, 40, 2)).astype(np.float32)
+    label = np.zeros((40, 40, 2), np.uint8)
+    label[4:20, 6:18, 0] = 1  # large: x 4..19, y 6..17
+    label[30:33, 30:34, 0] = 1  # small: x 30..32, y 30..33
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "lab.nii.gz")
+    return {"image": [str(tmp_path / "img.nii.gz")], "label": str(tmp_path / "lab.nii.gz"), "case_id": "c"}
+
+
+def test_training_boxes_follow_each_models_rule_and_db_sam_targets_are_low_res(tmp_path: Path) -> None:
+    from medseg.training.prompted import PromptSliceDataset
+    from medseg.transforms.sam import SamFrame, box_rule_of
+
+    case = _two_blob_case(tmp_path)
+    frame = SamFrame.for_slice(40, 40, S)
+    rule = box_rule_of(DBSAM)
+    assert rule == "all_pixels"
+    ds = PromptSliceDataset([case], size=S, jitter=None, box_rule=rule, label_size=S // 4)
+    item = ds[0]
+    torch.testing.assert_close(item["box"], frame.box_to_model((4, 6, 32, 33)))  # every labelled pixel
+    assert item["label"].shape == (1, S // 4, S // 4) and item["image"].shape == (3, S, S)
+    largest = PromptSliceDataset([case], size=S, jitter=None, box_rule="largest_component")[0]
+    torch.testing.assert_close(largest["box"], frame.box_to_model((4, 6, 19, 17)))
+    assert largest["label"].shape == (1, S, S)
+
+
+def test_prompted_trainer_computes_db_sam_loss_on_the_low_res_logits(tiny_model: DBSAM) -> None:
+    from medseg.training.losses import build_loss
+    from medseg.training.prompted import BOX, PromptTrainer
+
+    model = tiny_model.eval()  # no dropout: the two evaluations below must agree
+    trainer = PromptTrainer.__new__(PromptTrainer)
+    trainer.model, trainer.device, trainer.loss_fn = model, torch.device("cpu"), build_loss("sam_dice_ce")
+    assert trainer.low_res_loss
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, S, S)
+    label = (torch.rand(2, 1, S // 4, S // 4) > 0.5).float()
+    with torch.no_grad():
+        got = trainer.batch_loss({"image": x, "label": label, BOX: BOXES})
+        expected = trainer.loss_fn(model.forward_low_res(x, boxes=BOXES), label)
+    torch.testing.assert_close(got, expected)
+    trainer.model = tiny(loss_on_lowres=False).eval()
+    assert not trainer.low_res_loss
+
+
+def test_evaluation_boxes_use_the_models_own_rule() -> None:
+    from types import SimpleNamespace
+
+    from pipelines.predict import _predict_with_label_boxes
+
+    label = np.zeros((40, 40, 1), np.int64)
+    label[4:20, 6:18, 0] = 1
+    label[30:33, 30:34, 0] = 1
+    boxes: dict[str, tuple] = {}
+    for rule in ("all_pixels", "largest_component"):
+
+        def predict(image: object, prompts: object, rule: str = rule) -> SimpleNamespace:
+            box = prompts.objects[0].box  # type: ignore[attr-defined]
+            boxes[rule] = (*box.lo, *box.hi)
+            return SimpleNamespace(mask=np.zeros(label.shape, np.int64))
+
+        predictor = SimpleNamespace(model=SimpleNamespace(box_rule=rule), predict=predict)
+        _predict_with_label_boxes(predictor, None, label)
+    assert boxes["all_pixels"] == (4, 6, 0, 32, 33, 0)
+    assert boxes["largest_component"] == (4, 6, 0, 19, 17, 0)

@@ -11,7 +11,7 @@ from medseg.core.errors import ConfigError, ModelInputError
 from medseg.models import count_parameters, create_model, get_card, tiny_overrides
 from medseg.models.mpunet import MPUNet, _from_windows, _SerialisedPAM, _to_windows, _WindowCrossAttention
 from medseg.training.losses import LOSSES, DeepSupervisionLoss, build_loss, dice_ce
-from medseg.training.losses_mpunet import MPUNetHybridLoss
+from medseg.training.losses.mpunet import MPUNetHybridLoss
 
 FULL_PARAMS = 17_627_317
 
@@ -138,7 +138,7 @@ def test_cross_attention_is_decoder_query_skip_key_value_inside_windows() -> Non
 def test_cross_attention_is_local_to_its_window_and_handles_odd_axes() -> None:
     torch.manual_seed(0)
     att = _WindowCrossAttention(8, window=4, kv_pool=2).eval()
-    dec, skip = torch.randn(1, 8, 2, 8, 6), torch.randn(1, 8, 2, 8, 6)  # windows (2, 4, 2), keys pooled (2, 2, 2)
+    dec, skip = torch.randn(1, 8, 2, 8, 6), torch.randn(1, 8, 2, 8, 6)  # windows (2, 4, 2), keys pooled (1, 2, 1)
     with torch.no_grad():
         base = att(dec, skip)
         changed = skip.clone()
@@ -148,7 +148,40 @@ def test_cross_attention_is_local_to_its_window_and_handles_odd_axes() -> None:
     assert diff[:, :4].max() == 0 and diff[:, :, 2:].max() == 0
 
 
+@pytest.mark.parametrize(
+    ("grid", "window", "pool"),
+    [
+        ((2, 6, 6), (2, 2, 2), (1, 1, 1)),  # coarsest level of a (16, 48, 48) input: keys stay unpooled
+        ((4, 4, 8), (4, 4, 8), (2, 2, 2)),  # coarsest level of (32, 32, 64): 2 keys per axis after pooling
+        ((16, 12, 8), (8, 4, 8), (2, 2, 2)),
+    ],
+)
+def test_cross_attention_windowing_never_leaves_a_single_key(grid: tuple, window: tuple, pool: tuple) -> None:
+    att = _WindowCrossAttention(8, window=8, kv_pool=2)
+    got_window, got_pool = att.windowing(grid)
+    assert (got_window, got_pool) == (window, pool)
+    assert all(w // p >= 2 for w, p in zip(got_window, got_pool, strict=True))
+
+
+def test_coarsest_cross_attention_of_a_16_times_odd_input_attends_to_several_keys() -> None:
+    """With one key per window every query of the window would receive the same update (softmax over one key = 1)."""
+    torch.manual_seed(0)
+    model = _tiny().eval()  # tiny: window 4, kv_pool 2; coarsest decoder level of (16, 48, 48) is (2, 6, 6)
+    coarsest = model.decoder[-1].cross
+    seen: list[torch.Tensor] = []
+    hook = coarsest.register_forward_hook(lambda m, args, out: seen.append((out - args[0]).detach()))
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, 16, 48, 48))
+    hook.remove()
+    assert y.shape == (1, 3, 16, 48, 48) and torch.isfinite(y).all()
+    update = seen[0]  # (1, C, 2, 6, 6); windows are 2 x 2 x 2
+    assert update.shape[2:] == (2, 6, 6)
+    first_window = update[0, :, 0:2, 0:2, 0:2].flatten(1)
+    assert (first_window - first_window[:, :1]).abs().max() > 1e-6  # queries differ: more than one key
+
+
 def test_hybrid_loss_is_registered_and_weights_are_documented() -> None:
+    assert MPUNet.paper_loss == "mpunet_hybrid"  # the trainer's default loss for MPU-Net: its own weights
     assert "mpunet_hybrid" in LOSSES
     loss = LOSSES.get("mpunet_hybrid")()
     assert isinstance(loss, MPUNetHybridLoss) and loss.handles_deep_supervision
@@ -168,8 +201,9 @@ def test_hybrid_loss_value_against_manual_dice_ce() -> None:
     loss = MPUNetHybridLoss()
     torch.testing.assert_close(loss(outs, target), expected)
     torch.testing.assert_close(loss(outs[0], target), base(outs[0], target))
-    # full-resolution auxiliary outputs: same value as dice_ce under the trainer's deep-supervision wrapper
-    torch.testing.assert_close(DeepSupervisionLoss(dice_ce())(outs, target), expected)
+    # MPU-Net's own weights, not nnU-Net's (which give the coarsest output weight 0)
+    nnunet_rule = DeepSupervisionLoss(dice_ce())(outs, target)
+    assert not torch.allclose(nnunet_rule, expected)
     torch.testing.assert_close(build_loss("mpunet_hybrid")(outs, target), expected)
 
 

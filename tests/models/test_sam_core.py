@@ -86,9 +86,21 @@ def test_vit_b_state_dict_is_the_official_layout() -> None:
     assert _n_params(model.prompt_encoder) == OFFICIAL_PROMPT_ENCODER_PARAMS
     assert _n_params(model.mask_decoder) == OFFICIAL_MASK_DECODER_PARAMS
     assert sum(v.numel() for v in model.state_dict().values()) == OFFICIAL_TOTAL_NUMEL
+    assert _n_params(model) == OFFICIAL_TOTAL_NUMEL - 256 == 93_735_472  # the Gaussian matrix is a buffer
     enc = model.image_encoder
     assert [b.window_size for b in enc.blocks] == [0 if i in GLOBAL_BLOCKS else 14 for i in range(12)]
     assert enc.patch_embed.proj.kernel_size == (16, 16) and enc.patch_embed.proj.stride == (16, 16)
+
+
+def test_module_docstring_quotes_the_measured_counts() -> None:
+    import medseg.models.sam as sam_module
+
+    with torch.device("meta"):
+        model = SamCore(VIT_B)
+    doc = " ".join((sam_module.__doc__ or "").split())
+    for part in (model, model.image_encoder, model.prompt_encoder, model.mask_decoder):
+        assert f"{_n_params(part):,}" in doc, f"{_n_params(part):,}"
+    assert f"{OFFICIAL_TOTAL_NUMEL:,} values" in doc
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint loading

@@ -24,7 +24,7 @@ README_MILLIONS = {"stunet_s": 14.60, "stunet_b": 58.26, "stunet_l": 440.30, "st
 
 
 def official_layout(c_in: int, c_out: int, dims: tuple[int, ...], depth: tuple[int, ...]) -> dict[str, tuple]:
-    """Key -> shape of the official STU-Net state dict, written from the rules in MODELS.md §7.3 / §7.4."""
+    """Key -> shape of the official STU-Net state dict, written from the official rules (docs/models/stunet.md)."""
     layout: dict[str, tuple] = {}
 
     def block(prefix: str, cin: int, cout: int, shortcut: bool) -> None:
@@ -93,7 +93,7 @@ def test_cards() -> None:
         card = get_card(name)
         assert (card.in_channels, card.out_channels, card.roi_size) == (1, 105, (128, 128, 128))
         assert card.divisible_by == (16, 16, 32)  # product of the TotalSegmentator plan's pools [2,2,2]x4 + [1,1,2]
-        assert card.intensity_preset == "ct" and card.target_spacing == (1.5, 1.5, 1.5)
+        assert card.intensity_preset == "zscore" and card.target_spacing == (1.5, 1.5, 1.5)
         assert card.label_names[0] == "background" and card.label_names[-1] == "label_104"
         assert "arXiv:2304.06716" in card.paper
 

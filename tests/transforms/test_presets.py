@@ -65,3 +65,42 @@ def test_unknown_preset_and_bad_window() -> None:
         preprocessing("pet", None, with_label=False)
     with pytest.raises(ConfigError, match="ct_window"):
         preprocessing("ct", None, with_label=False, ct_window=(100, -100))
+
+
+def _nnunet_zscore(image: np.ndarray) -> np.ndarray:
+    """nnU-Net v2 ``ZScoreNormalization`` (``use_mask_for_norm=False``) of one channel, written with numpy."""
+    image = image.astype(np.float32)
+    mean, std = image.mean(), image.std()
+    return (image - mean) / max(std, 1e-8)
+
+
+def test_zscore_preset_matches_nnunet_over_all_voxels() -> None:
+    rng = np.random.default_rng(0)
+    values = np.zeros((2, 10, 12, 8))
+    values[0, 2:8, 2:8, 2:6] = rng.normal(300, 50, (6, 6, 4))  # zeros outside count too (unlike ``mri``)
+    values[1] = rng.normal(-20, 3, (10, 12, 8))
+    image = MetaTensor(torch.as_tensor(values, dtype=torch.float32), affine=torch.as_tensor(np.diag([2.0, 1, 1, 1])))
+    out = preprocessing("zscore", None, with_label=False, load=False)({"image": image})["image"]
+    got = np.asarray(out)
+    assert out.dtype == torch.float32 and isinstance(out, MetaTensor)
+    for c in range(2):
+        np.testing.assert_allclose(got[c], _nnunet_zscore(values[c]), rtol=1e-5, atol=1e-5)
+    assert abs(got[0][values[0] == 0].mean()) > 0.1  # background voxels moved: all voxels were used
+    mri = np.asarray(preprocessing("mri", None, with_label=False, load=False)({"image": image})["image"])
+    assert not np.allclose(mri[0], got[0])
+
+
+def test_zscore_preset_guards_a_near_constant_image_like_nnunet() -> None:
+    values = np.full((1, 4, 4, 4), 5.0)
+    values[0, 0, 0, 0] += 1e-10  # std far below 1e-8: nnU-Net divides by 1e-8, not by the std
+    image = MetaTensor(torch.as_tensor(values, dtype=torch.float64), affine=torch.eye(4, dtype=torch.float64))
+    got = np.asarray(preprocessing("zscore", None, with_label=False, load=False)({"image": image})["image"])
+    mean, std = values.mean(), values.std()
+    np.testing.assert_allclose(got, (values - mean) / max(std, 1e-8), rtol=1e-4, atol=1e-6)
+    assert np.abs(got).max() < 0.02
+
+
+def test_stunet_card_uses_the_zscore_preset() -> None:
+    from medseg.models import get_card
+
+    assert all(get_card(n).intensity_preset == "zscore" for n in ("stunet_s", "stunet_b", "stunet_l", "stunet_h"))

@@ -7,12 +7,13 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medseg.core.errors import ModelInputError
+from medseg.core.errors import ConfigError, ModelInputError
 from medseg.models.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from medseg.transforms.sam import (
     BOX_JITTER,
     SamFrame,
     box_from_mask,
+    box_rule_of,
     enlarge_box,
     prepare_mask,
     prepare_slice,
@@ -133,7 +134,8 @@ def test_box_from_mask_picks_the_largest_8_connected_component() -> None:
     for i in range(10):  # a diagonal of 10 pixels: one component only with 8-connectivity
         mask[8 + i, 18 + i] = True
     assert box_from_mask(mask) == (18, 8, 27, 17)
-    assert box_from_mask(mask, largest_component=False) == (2, 2, 27, 17)
+    assert box_from_mask(mask, "all_pixels") == (2, 2, 27, 17)
+    assert box_from_mask(mask, "largest_component") == (18, 8, 27, 17)
     assert box_from_mask(np.zeros((4, 4), dtype=bool)) is None
     assert box_from_mask(torch.ones(3, 5, dtype=torch.bool)) == (0, 0, 4, 2)
 
@@ -169,3 +171,14 @@ def test_shift_box_rule_over_seeds() -> None:
     corner = np.array([shift_box((0, 0, 20, 20), 32, 32, np.random.default_rng(s)) for s in range(100)])
     assert corner.min() >= 0 and corner.max() <= 31
     assert set(BOX_JITTER) == {"enlarge", "shift"} and BOX_JITTER["shift"] is shift_box
+
+
+def test_box_rules_are_declared_by_the_models() -> None:
+    from medseg.models.db_sam import DBSAM
+    from medseg.models.sam_unet import SAMUNet
+
+    assert box_rule_of(DBSAM) == "all_pixels"  # DB-SAM / MedSAM: bbox(mask > 0)
+    assert box_rule_of(SAMUNet) == "largest_component"  # SAM-Med2D / SAM-UNet
+    assert box_rule_of(object()) == "largest_component"
+    with pytest.raises(ConfigError, match="did you mean 'all_pixels'"):
+        box_from_mask(np.ones((3, 3), bool), "all_pixel")

@@ -15,9 +15,9 @@ only in the network and the supervision.
 "High resolution" is read as: every output is compared with the **full-resolution** target. An output smaller than
 the target is (tri)linearly upsampled to it (its logits), instead of nearest-downsampling the target as
 :class:`~medseg.training.losses.DeepSupervisionLoss` does, because small tumours vanish from a downsampled target.
-MPU-Net already returns its auxiliary outputs at full resolution, so with the default weights the value equals
-``dice_ce`` under ``DeepSupervisionLoss``; the two differ for models whose auxiliary outputs are smaller, or with other
-``aux_weights``.
+These weights are MPU-Net's own and differ from nnU-Net's deep-supervision rule that
+:class:`~medseg.training.losses.DeepSupervisionLoss` applies to the other networks (there the coarsest output gets
+weight 0): here every auxiliary output counts, the coarsest included.
 
 The loss takes the whole list of outputs itself (``handles_deep_supervision = True``); wrapped in
 ``DeepSupervisionLoss`` it still works (it then receives one tensor at a time).
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medseg.core.errors import ConfigError
-from medseg.training.losses import LOSSES, dice_ce
+from medseg.training.losses.dense import dice_ce
+from medseg.training.losses.registry import register_loss
 
 __all__ = ["MPUNetHybridLoss", "mpunet_hybrid"]
 
@@ -103,7 +104,7 @@ class MPUNetHybridLoss(nn.Module):
         return loss
 
 
-@LOSSES.register("mpunet_hybrid")
+@register_loss("mpunet_hybrid")
 def mpunet_hybrid() -> nn.Module:
     """MPU-Net hybrid loss with the default weights (main 1, auxiliary 0.5 / 0.25 / 0.125, normalised)."""
     return MPUNetHybridLoss()

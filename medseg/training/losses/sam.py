@@ -4,7 +4,8 @@
   background included, mean reduction; with one channel MONAI's CE term is binary cross-entropy with logits.
   Computed in float32 as the release does under mixed precision.
 * ``sam_focal_dice`` — SAM-UNet (arXiv 2408.09886): focal loss (gamma 2, alpha 0.25, mean over pixels) plus
-  20 x soft Dice (sigmoid, smoothing 1).
+  20 x soft Dice (sigmoid, smoothing 1) **pooled over the batch**, as the official code's ``DiceLoss(batch=True)``:
+  one Dice over all pixels of all masks of the batch, not a mean of per-mask Dice values.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import nn
 
-from medseg.training.losses import LOSSES
+from medseg.training.losses.registry import register_loss
 
 
 class _Float32(nn.Module):
@@ -35,25 +36,30 @@ class FocalDiceLoss(nn.Module):
         gamma: focal exponent.
         alpha: focal weight of the foreground class (``1 - alpha`` for background).
         dice_weight: weight of the soft Dice term.
+        batch_dice: one Dice over all pixels of the batch (the official SAM-UNet loss); ``False`` averages the Dice
+            of each mask.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, dice_weight: float = 20.0) -> None:
+    def __init__(
+        self, gamma: float = 2.0, alpha: float = 0.25, dice_weight: float = 20.0, batch_dice: bool = True
+    ) -> None:
         super().__init__()
         self.focal = FocalLoss(gamma=gamma, alpha=alpha, use_softmax=False, reduction="mean")
-        self.dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, reduction="mean")
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, batch=batch_dice, reduction="mean")
         self.dice_weight = dice_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of logits ``(B, 1, H, W)`` against a binary target ``(B, 1, H, W)``."""
         return self.focal(logits, target) + self.dice_weight * self.dice(logits, target)
 
 
-@LOSSES.register("sam_dice_ce")
+@register_loss("sam_dice_ce")
 def sam_dice_ce() -> nn.Module:
     """DB-SAM's segmentation loss (sigmoid Dice with squared denominators + binary cross-entropy)."""
     return _Float32(DiceCELoss(sigmoid=True, squared_pred=True, include_background=True, reduction="mean"))
 
 
-@LOSSES.register("sam_focal_dice")
+@register_loss("sam_focal_dice")
 def sam_focal_dice(dice_weight: float = 20.0) -> nn.Module:
-    """SAM-UNet's loss: focal (gamma 2, alpha 0.25) + ``dice_weight`` x soft Dice."""
+    """SAM-UNet's loss: focal (gamma 2, alpha 0.25) + ``dice_weight`` x soft Dice pooled over the batch."""
     return _Float32(FocalDiceLoss(dice_weight=dice_weight))
