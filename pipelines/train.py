@@ -1,10 +1,17 @@
-"""``medseg train``: dataset folder → verified manifest → model → trainer → run directory."""
+"""``medseg train``: dataset folder → verified manifest → model → trainer → run directory.
+
+``--resume`` continues the run in ``--out`` with the settings of its ``config.yaml``. Options given with it must agree
+with that file (each conflict is named in one ``ConfigError``); only the number of epochs may change
+(:data:`RESUME_MAY_CHANGE`): ``--epochs`` extends (or shortens) the run, and the LR schedule is then spread over the
+new total from the current step on.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from monai.utils import set_determinism
 from torch import nn
@@ -50,6 +57,68 @@ def resolve_config(req: TrainRequest) -> ExperimentConfig:
     return cfg
 
 
+#: Settings a resumed run may change (``--epochs``); every other option must match the run's ``config.yaml``.
+RESUME_MAY_CHANGE = frozenset({"train.epochs"})
+#: Settings a run fills in when it starts (from the model card or the command line): unset in a config file given
+#: with ``--resume``, they state nothing (``--pretrained`` weights are not reloaded on resume: ``last.pt`` holds them).
+_FILLED_AT_START = frozenset({"model.roi_size", "data.preset", "model.pretrained", "model.pretrained_sha256"})
+
+
+def _given_settings(req: TrainRequest) -> dict[str, tuple[str, Any]]:
+    """``{"section.key": (option, value)}`` of what the command line states (``--config`` file, ``--model``, ...)."""
+    given: dict[str, tuple[str, Any]] = {}
+    if req.config:
+        for key, value in load_config(req.config).flat().items():
+            if key != "data.root" and not (key in _FILLED_AT_START and value in (None, [])):
+                given[key] = (f"--config {req.config}", value)
+    if req.model:
+        given["model.name"] = ("--model", req.model)
+    if req.pretrained:
+        given["model.pretrained"] = ("--pretrained", [str(p) for p in req.pretrained])
+    return given
+
+
+def _same_folder(a: str | Path | None, b: str | Path) -> bool:
+    if a is None:
+        return True
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
+def resume_config(req: TrainRequest, saved: ExperimentConfig, source: Path) -> ExperimentConfig:
+    """The config of a resumed run: ``saved`` (its ``config.yaml`` at ``source``) with ``--epochs`` applied.
+
+    Raises:
+        ConfigError: naming every option that conflicts with the saved run (option, key, saved and given value):
+            a different dataset folder, ``--model``, ``--pretrained`` or ``--config`` value, except
+            :data:`RESUME_MAY_CHANGE`.
+    """
+    mine = saved.flat()
+    conflicts = []
+    if not _same_folder(saved.data.root, req.data):
+        conflicts.append(f"DATA (data.root): saved {str(saved.data.root)!r}, given {str(req.data)!r}")
+    file_epochs = None
+    for key, (option, value) in _given_settings(req).items():
+        if key in RESUME_MAY_CHANGE:
+            file_epochs = value
+        elif mine[key] != value:
+            conflicts.append(f"{option} ({key}): saved {mine[key]!r}, given {value!r}")
+    if conflicts:
+        raise ConfigError(
+            f"--resume: {len(conflicts)} option(s) conflict with the saved run {source}: " + "; ".join(conflicts),
+            expected="the saved run's settings; only --epochs may change when resuming",
+            hint="drop the conflicting options (the run keeps its own), or start a new run with another --out"
+            + ("; if the dataset moved, edit data.root in that config.yaml" if "DATA" in conflicts[0] else ""),
+        )
+    if req.epochs is None and file_epochs not in (None, saved.train.epochs):
+        logger.info(
+            "resuming with the saved train.epochs=%d (the --config file says %d; pass --epochs to change it)",
+            saved.train.epochs,
+            file_epochs,
+        )
+    return saved.updated({"train": {"epochs": req.epochs}})
+
+
 def train(req: TrainRequest) -> TrainResult:
     """Run (or resume) one training; returns the trainer's summary."""
     cfg = resolve_config(req)
@@ -62,8 +131,7 @@ def train(req: TrainRequest) -> TrainResult:
     if req.resume:
         if not run_dir.last.is_file():
             raise ConfigError(f"nothing to resume in {run_dir.root} (no checkpoints/last.pt)", hint="drop --resume")
-        saved = load_config(run_dir.config)
-        cfg = saved.updated({"train": {"epochs": req.epochs}})
+        cfg = resume_config(req, load_config(run_dir.config), run_dir.config)
     elif run_dir.last.exists():
         raise ConfigError(
             f"{run_dir.root} already holds a training run",
@@ -84,14 +152,16 @@ def train(req: TrainRequest) -> TrainResult:
         model, cfg = _prompted_model(cfg, manifest)
     else:
         model, cfg = _dense_model(cfg, manifest, label_names)
+    trainer_cls = PromptTrainer if card.needs_prompts else Trainer
+    trainer_cls.check_config(cfg, default_preset=card.intensity_preset)  # before anything is written
     train_cases, val_cases = split_cases(manifest.cases, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     with log_to_file(run_dir.log):
         if not req.resume:
             load_pretrained(model, cfg)
-            with atomic_open(run_dir.config) as fh:
-                fh.write(cfg.to_yaml())
             run_dir.write_json(run_dir.card, model.card.to_dict())
+        with atomic_open(run_dir.config) as fh:  # on resume: the saved config with the new train.epochs
+            fh.write(cfg.to_yaml())
         logger.info(
             "training %s%s on %s: %d training / %d validation cases, labels %s, roi %s, run dir %s",
             cfg.model.name,
@@ -147,7 +217,15 @@ def _prompted_model(cfg: ExperimentConfig, manifest: Manifest) -> tuple[nn.Modul
             hint="train a prompted model on one channel (e.g. a dataset with only the T1 images)",
         )
     model = create_model(cfg.model.name, **cfg.model.kwargs)
-    return model, cfg.updated({"model": {"roi_size": list(model.card.roi_size)}})
+    size = tuple(model.card.roi_size)
+    if cfg.model.roi_size is not None and tuple(cfg.model.roi_size) != size:
+        raise ConfigError(
+            f"model.roi_size {list(cfg.model.roi_size)} is set for model {cfg.model.name!r}, whose input size is "
+            f"{list(size)} (box-prompted 2D training resizes every slice to the model's input)",
+            expected=f"no model.roi_size, or {list(size)}",
+            hint="set the input size with model.kwargs.img_size instead",
+        )
+    return model, cfg.updated({"model": {"roi_size": list(size)}})
 
 
 def load_pretrained(model: nn.Module, cfg: ExperimentConfig) -> None:
@@ -159,7 +237,8 @@ def load_pretrained(model: nn.Module, cfg: ExperimentConfig) -> None:
     if loader is None:
         raise ConfigError(
             f"model {cfg.model.name!r} has no loader for pretrained weights ({', '.join(map(str, paths))})",
-            hint="drop --pretrained; the SAM models (db_sam, sam_unet_r50, sam_unet_r34) load sam_vit_b_01ec64.pth",
+            hint="drop --pretrained; the SAM models (db_sam, sam_unet_r50, sam_unet_r34) load sam_vit_b_01ec64.pth, "
+            "stunet_* the official STU-Net checkpoints",
         )
     digests = cfg.model.pretrained_sha256 or (None,) * len(paths)
     for path, digest in zip(paths, digests, strict=True):

@@ -26,7 +26,8 @@ class DataConfig(_Section):
 
     Attributes:
         root: dataset folder (MSD, nnU-Net raw or paired layout); ``None`` when given on the command line.
-        preset: intensity preset (``ct``, ``mri``); ``None`` takes the model card's.
+        preset: intensity preset (``ct``, ``mri``, ``zscore`` = nnU-Net's all-voxel z-score); ``None`` takes the
+            model card's.
         spacing: target voxel spacing in mm; ``None`` keeps each image's own spacing.
         ct_window: HU window ``[low, high]`` clipped and scaled to [0, 1] by the CT preset.
         val_fraction: share of training cases held out for validation.
@@ -34,7 +35,7 @@ class DataConfig(_Section):
     """
 
     root: Path | None = None
-    preset: Literal["ct", "mri"] | None = None
+    preset: Literal["ct", "mri", "zscore"] | None = None
     spacing: tuple[float, float, float] | None = None
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)

@@ -1,9 +1,15 @@
-"""The trainer: Dice + CE, AdamW with warm-up and cosine decay, patch sampling with foreground oversampling,
-sliding-window validation with per-label Dice, atomic checkpoints and exact resume.
+"""The trainer: Dice + CE, AdamW with warm-up and cosine (or poly) decay, patch sampling with foreground
+oversampling, sliding-window validation with per-label Dice, atomic checkpoints and exact resume.
 
-One epoch is ``iters_per_epoch`` optimiser steps. Data order and augmentation are re-seeded at the start of every
-epoch from ``(seed, epoch)``, so a run resumed from ``last.pt`` (written at the end of each epoch) continues with
-the same step counter and the same data it would have seen.
+One epoch is ``iters_per_epoch`` optimiser steps. Every random stream of an epoch is a function of
+``(train.seed, epoch)`` alone (:func:`epoch_seeds`): the data order (the sampler's generator), the augmentation
+(the ``generator`` handed to MONAI's ``DataLoader``, which seeds the dataset's random transforms from it, in the
+training process with ``num_workers=0`` and per worker, ``base_seed + worker_id``, otherwise) and the dropout /
+DropPath masks (torch's global RNG, seeded at the start of the epoch). So augmentation differs between epochs, two
+runs with the same seed draw the same, and a run resumed from ``last.pt`` (written at the end of each epoch) draws,
+from its next epoch on, exactly what an uninterrupted run drew; no RNG state needs to travel in the checkpoint.
+Draws do depend on ``num_workers`` (each worker has its own stream). Bitwise-equal weights on CUDA also need
+deterministic kernels (``torch.use_deterministic_algorithms``), which this module does not switch on.
 """
 
 from __future__ import annotations
@@ -15,20 +21,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.data.utils import worker_init_fn
 from torch import nn
 
 from medseg.core.config import ExperimentConfig
 from medseg.core.device import pick_device
+from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
+from medseg.inference.rundir import RunDir, load_checkpoint, save_checkpoint
 from medseg.inference.sliding import WindowSettings, plain, sliding_window_probs
+from medseg.training.curves import plot_curves
 from medseg.training.losses import build_loss
 from medseg.training.metrics import dice_per_label
-from medseg.training.rundir import RunDir, load_checkpoint, plot_curves, save_checkpoint
 from medseg.transforms.presets import preprocessing_for, training_transforms
 
 logger = logging.getLogger(__name__)
@@ -60,6 +69,64 @@ def warmup_cosine(total_steps: int, warmup: int, min_ratio: float) -> Callable[[
     return factor
 
 
+def warmup_poly(total_steps: int, warmup: int, min_ratio: float, exponent: float = 0.9) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then polynomial decay ``(1 - progress) ** exponent``
+    (nnU-Net's PolyLR) from 1 to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * (1 - progress) ** exponent
+
+    return factor
+
+
+SCHEDULES = ("cosine", "poly")
+
+
+def lr_schedule(config: ExperimentConfig, model: nn.Module) -> tuple[str, Callable[[int], float]]:
+    """The run's LR multiplier: ``train.schedule``, else the model's ``paper_schedule``, else ``cosine``.
+
+    Raises:
+        ConfigError: an unknown schedule name, or ``train.poly_exponent`` set while the schedule is not ``poly``.
+    """
+    t = config.train
+    name = t.schedule or getattr(model, "paper_schedule", None) or "cosine"
+    if name not in SCHEDULES:
+        raise ConfigError(
+            f"model {config.model.name!r} declares the LR schedule {name!r}",
+            expected=f"one of {SCHEDULES}",
+            hint="set train.schedule explicitly",
+        )
+    total = t.epochs * t.iters_per_epoch
+    default_exponent = type(t).model_fields["poly_exponent"].default
+    if name != "poly" and t.poly_exponent != default_exponent:
+        raise ConfigError(
+            f"train.poly_exponent={t.poly_exponent} is set but the LR schedule of model {config.model.name!r} is "
+            f"{name!r}, which does not use it",
+            expected=f"train.schedule: poly, or poly_exponent at its default {default_exponent}",
+            hint="add `schedule: poly` to the train section, or remove poly_exponent",
+        )
+    if name == "poly":
+        return name, warmup_poly(total, t.warmup_iters, t.min_lr_ratio, t.poly_exponent)
+    return name, warmup_cosine(total, t.warmup_iters, t.min_lr_ratio)
+
+
+class EpochSeeds(NamedTuple):
+    """Seeds of one epoch's independent random streams (see the module docstring)."""
+
+    order: int
+    augment: int
+    model: int
+
+
+def epoch_seeds(seed: int, epoch: int) -> EpochSeeds:
+    """The seeds of epoch ``epoch`` (0-based) of a run seeded ``seed``: NumPy's ``SeedSequence((seed, epoch))``, so
+    the streams of neighbouring epochs and seeds are unrelated."""
+    return EpochSeeds(*(int(s) for s in np.random.SeedSequence((int(seed), int(epoch))).generate_state(3)))
+
+
 class Trainer:
     """Train one model on one dataset into one run directory.
 
@@ -70,7 +137,15 @@ class Trainer:
         val_cases: same, for validation (may be empty: then ``best.pt`` follows the training loss).
         run_dir: where the run lives.
         progress: optional callback receiving ``{"step", "total", "loss", "epoch", "lr"}`` after every step.
+
+    Raises:
+        ConfigError: a setting this trainer does not use is not at its default (:meth:`check_config`).
     """
+
+    #: What this trainer trains, for error messages.
+    family: ClassVar[str] = "dense 3D training (patches, sliding-window validation)"
+    #: Settings this trainer does not read; :meth:`check_config` refuses them unless they hold their defaults.
+    unused_settings: ClassVar[tuple[str, ...]] = ("train.max_val_slices",)
 
     def __init__(
         self,
@@ -83,6 +158,7 @@ class Trainer:
     ) -> None:
         self.cfg = config
         self.card = model.card  # type: ignore[attr-defined]
+        self.check_config(config, default_preset=self.card.intensity_preset)
         self.run = RunDir(Path(run_dir))
         self.device = pick_device(config.train.device)
         self.model = model.to(self.device)
@@ -93,15 +169,36 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # frozen encoders stay out
         self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.total_steps = t.epochs * t.iters_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, t.warmup_iters, t.min_lr_ratio)
-        )
+        self.schedule, factor = lr_schedule(config, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.use_amp = t.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.epoch = 0
         self.step = 0
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig, default_preset: str | None = None) -> None:
+        """Refuse settings this trainer would ignore: ``unused_settings`` away from their defaults, and
+        ``data.ct_window`` when the intensity preset (``data.preset``, else ``default_preset``) is not ``ct``.
+
+        Raises:
+            ConfigError: naming every such key with its value and default, and the model family.
+        """
+        problems = [f"{k}={v!r} (default {d!r})" for k, (v, d) in config.non_defaults(cls.unused_settings).items()]
+        preset = config.data.preset or default_preset
+        if "data.ct_window" not in cls.unused_settings and preset not in (None, "ct"):
+            problems += [
+                f"{k}={v!r} (default {d!r}; read by the ct preset only, this run's preset is {preset!r})"
+                for k, (v, d) in config.non_defaults(["data.ct_window"]).items()
+            ]
+        if problems:
+            raise ConfigError(
+                f"model {config.model.name!r} ({cls.family}) does not use {', '.join(problems)}",
+                expected="settings a model family does not use left at their defaults",
+                hint="remove them from the config",
+            )
 
     # ----------------------------------------------------------------------------------------------- hooks
     def build_datasets(self, train_cases: list[dict[str, Any]], val_cases: list[dict[str, Any]]) -> tuple[Any, Any]:
@@ -127,10 +224,6 @@ class Trainer:
             progress=False,
         )
         return train_ds, val_ds
-
-    def reseed(self, seed: int) -> None:
-        """Seed the training data's random transforms for one epoch."""
-        self.train_ds.transform.set_random_state(seed=seed % (2**32))
 
     def batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Loss of one training batch."""
@@ -217,15 +310,19 @@ class Trainer:
         return False
 
     def _loader(self) -> DataLoader:
+        """This epoch's loader; seeds every random stream of the epoch from ``(train.seed, epoch)``."""
         t = self.cfg.train
-        seed = t.seed * 100_003 + self.epoch
-        self.reseed(seed)
+        seeds = epoch_seeds(t.seed, self.epoch)
+        torch.manual_seed(seeds.model)  # dropout / DropPath masks (torch's global RNG, CUDA included)
         sampler = torch.utils.data.RandomSampler(
             self.train_ds,
             replacement=True,
             num_samples=t.iters_per_epoch * t.batch_size,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seeds.order),
         )
+        # MONAI's DataLoader seeds the dataset's random transforms (anything with ``set_random_state``) from this
+        # generator: in this process for num_workers=0, else per worker from the worker's seed (worker_init_fn).
+        # Without a generator it would draw from, and then rewind, torch's global RNG: the same draws every epoch.
         return DataLoader(
             self.train_ds,
             batch_size=t.batch_size,
@@ -233,6 +330,8 @@ class Trainer:
             num_workers=t.num_workers,
             collate_fn=self.collate,
             drop_last=True,
+            generator=torch.Generator().manual_seed(seeds.augment),
+            worker_init_fn=worker_init_fn,
         )
 
     def _train_epoch(self) -> float:

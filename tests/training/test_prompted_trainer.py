@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from medseg.data import load_manifest
+from medseg.inference.rundir import RunDir, load_checkpoint
 from medseg.training.losses import build_loss
 from medseg.training.prompted import PromptSliceDataset
-from medseg.training.rundir import RunDir, load_checkpoint
 from pipelines.train import TrainRequest, train
 from tests.helpers import prompted_config
 
@@ -31,9 +31,9 @@ def test_items_are_the_labelled_slices_of_every_volume(tiny_dataset: Path) -> No
     x0, y0, x1, y1 = item["box"].tolist()
     assert 0 <= x0 < x1 <= 63 and 0 <= y0 < y1 <= 63
     assert set(torch.unique(item["label"]).tolist()) <= {0.0, 1.0} and item["label"].sum() > 0
-    ds.reseed(1)
+    ds.set_random_state(1)
     first = [ds[i]["box"] for i in range(5)]
-    ds.reseed(1)
+    ds.set_random_state(1)
     assert all(torch.equal(a, ds[i]["box"]) for i, a in enumerate(first)), "the jitter is reproducible per seed"
 
 
@@ -59,3 +59,26 @@ def test_paper_losses_fall_as_logits_match(name: str) -> None:
     assert float(loss(good, target)) < 0.2 < float(loss(bad, target))
     half = loss(torch.zeros(2, 1, 16, 16, dtype=torch.float16), target)
     assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+def test_each_loader_worker_jitters_with_its_own_seeded_stream(tiny_dataset: Path) -> None:
+    from monai.data import DataLoader
+
+    cases = [c.as_dict() for c in load_manifest(tiny_dataset).cases[:1]]
+    ds = PromptSliceDataset(cases, size=64, jitter="enlarge", seed=0)
+
+    def boxes(seed: int) -> list[list[float]]:
+        loader = DataLoader(
+            ds,
+            batch_size=1,
+            sampler=[0] * 16,  # one item, jittered 16 times: 8 times by each worker, alternately
+            num_workers=2,
+            collate_fn=torch.utils.data.default_collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return [batch["box"][0].tolist() for batch in loader]
+
+    first = boxes(1)
+    assert first[0::2] != first[1::2], "both workers drew the same jitter"
+    assert len({tuple(b) for b in first}) > 2
+    assert boxes(1) == first and boxes(2) != first
