@@ -57,9 +57,18 @@ def train(
     data: Annotated[Path, typer.Argument(help="Dataset folder (MSD, nnU-Net raw, or images/ + labels/).")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (see `medseg models`).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override train.epochs.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Override train.epochs (with --resume: extend the run).")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<name>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from checkpoints/last.pt with its saved config.yaml. Only --epochs may "
+            "change; a --config, --model or --pretrained that disagrees with the saved run is an error.",
+        ),
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     pretrained: Annotated[
         list[Path] | None,
@@ -74,7 +83,7 @@ def train(
     from pipelines.train import TrainRequest
     from pipelines.train import train as run_train
 
-    if model is None and config is None:
+    if model is None and config is None and not resume:  # a resumed run keeps its own model
         model = "segformer3d"
     request = TrainRequest(data, model, config, epochs, out, resume, not no_progress, tuple(pretrained or ()))
     result = run_train(request)
@@ -110,13 +119,30 @@ def predict(
     coords: Annotated[
         str, typer.Option("--coords", help="Prompt coordinates: voxel (indices) or ras (world mm).")
     ] = "voxel",
+    allow_external_data: Annotated[
+        bool,
+        typer.Option(
+            "--allow-external-data",
+            help="Read detached headers (.nhdr, .mhd, .hdr/.img) whose data file sits in the header's folder.",
+        ),
+    ] = False,
 ) -> None:
     """Segment images; masks land on each input's exact voxel grid. Prompted models (db_sam, sam_unet_*) need
     --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans."""
     from pipelines.predict import predict as run_predict
 
     prompts = _cli_prompts(box or [], point or [], coords)
-    for case in run_predict(run, inputs, out, tta=tta, fmt=fmt, show_progress=not no_progress, prompts=prompts):
+    cases = run_predict(
+        run,
+        inputs,
+        out,
+        tta=tta,
+        fmt=fmt,
+        show_progress=not no_progress,
+        prompts=prompts,
+        allow_external_data=allow_external_data,
+    )
+    for case in cases:
         vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
         console.print(f"{case.input} → {case.mask}  ({vols})")
 

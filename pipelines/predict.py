@@ -24,7 +24,7 @@ from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
 from medseg.training.metrics import case_metrics, summarize
 from medseg.transforms.io import LoadImage
-from medseg.transforms.sam import box_from_mask, volume_slice
+from medseg.transforms.sam import box_from_mask, box_rule_of, volume_slice
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,13 @@ def predict(
     predictor: SegmentationPredictor | None = None,
     show_progress: bool = False,
     prompts: Prompts | None = None,
+    allow_external_data: bool = False,
 ) -> list[PredictedCase]:
     """Segment every input; write ``<out>/<case>_seg.<ext>`` and ``<case>_seg.json`` (label statistics).
 
     ``prompts`` (boxes / points) are required by prompted models and refused by the others (checked once, before the
-    first image is read, by the predictor itself).
+    first image is read, by the predictor itself). ``allow_external_data`` reads detached headers (``.nhdr``,
+    ``.mhd``) whose data file lies in the header's folder.
     """
     if fmt not in SUFFIXES:
         raise DataError(f"unknown output format {fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
@@ -71,7 +73,8 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in _track(inputs, "predicting", show_progress):
-        result = predictor.predict(path, tta=tta, prompts=prompts)
+        image = load_image(path, allow_external_data=allow_external_data)
+        result = predictor.predict(image, tta=tta, prompts=prompts)
         mask_path = save_mask(result.mask, result.image, out / f"{case_name(path)}_seg{SUFFIXES[fmt]}")
         stats = result.stats_dict()
         with atomic_open(out / f"{case_name(path)}_seg.json") as fh:
@@ -104,8 +107,8 @@ def evaluate(
     if prompted:  # one box per label and slice from the reference: scored against the dataset's own labels
         names = resolve_label_names(manifest)
     for case in _track(labelled, "evaluating", show_progress):
-        image = LoadImage()(list(case.images))
-        label = np.asarray(load_image(case.label))[0]
+        image = LoadImage(allow_external_data=True)(list(case.images))
+        label = np.asarray(load_image(case.label, allow_external_data=True))[0]
         if label.shape != tuple(image.shape[1:]):
             raise DataError(f"label {case.label} has shape {label.shape}, image {tuple(image.shape[1:])}")
         if prompted:
@@ -124,11 +127,13 @@ def evaluate(
 
 def _predict_with_label_boxes(predictor: Any, image: Any, label: np.ndarray) -> np.ndarray:
     """A prompted model's label map from one box per (label value, slice) taken from the reference (as the SAM papers
-    evaluate): the box of the label's largest connected component on that slice."""
+    evaluate): the box the model's own ``box_rule`` draws on that slice (DB-SAM: all of the label's pixels, SAM-UNet:
+    its largest connected component)."""
+    rule = box_rule_of(getattr(predictor, "model", None))
     objects, values = [], []
     for v in (int(u) for u in np.unique(label) if u > 0):
         for z in np.flatnonzero((label == v).any(axis=(0, 1))):
-            box = box_from_mask(volume_slice(torch.from_numpy(label[None] == v), int(z))[0])
+            box = box_from_mask(volume_slice(torch.from_numpy(label[None] == v), int(z))[0], rule)
             if box is None:
                 continue
             (x0, x1), (y0, y1) = _widen(box[0], box[2], label.shape[0]), _widen(box[1], box[3], label.shape[1])

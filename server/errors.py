@@ -6,6 +6,7 @@ No traceback or internal path is ever put in a response; the request id ties a r
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +34,52 @@ def error_body(error: str, detail: str, hint: str | None, request: Request) -> d
     return {"error": error, "detail": detail, "hint": hint, "request_id": getattr(request.state, "request_id", None)}
 
 
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make an OpenAPI document tell the truth about errors: every 4xx/5xx body is an ``ErrorBody``.
+
+    FastAPI documents request validation failures as its own ``HTTPValidationError`` (``detail`` a list), but the
+    handlers below answer them as ``ErrorBody`` (``detail`` a string); and any route can answer 401 (auth), 413
+    (body size) or another 4xx from the library. Every operation therefore gets ``4XX`` -> ``ErrorBody`` next to
+    the statuses it declares, and declared error statuses point at ``ErrorBody``.
+    """
+    from server.schemas import ErrorBody
+
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
+    error = {
+        "description": "error: {error, detail, hint, request_id}",
+        "content": {"application/json": {"schema": _ERROR_REF}},
+    }
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue  # path-level parameters, not an operation
+            responses = operation["responses"]
+            for status, response in responses.items():
+                if str(status)[0] in "45":
+                    response["content"] = {"application/json": {"schema": _ERROR_REF}}
+            responses.setdefault("4XX", error)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    return schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map ``ApiError``, ``MedsegError``, validation errors and anything unexpected to JSON bodies."""
+    """Map ``ApiError``, ``MedsegError``, validation errors and anything unexpected to JSON bodies.
+
+    Also makes ``app.openapi()`` document those bodies (:func:`document_errors`).
+    """
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 
 class OutputFormat(StrEnum):
@@ -29,7 +29,7 @@ class JobState(StrEnum):
     cancelled = "cancelled"
 
 
-_LABELS = ["background", "sphere", "box"]
+_LABELS: list[JsonValue] = ["background", "sphere", "box"]
 
 
 class ErrorBody(BaseModel):

@@ -4,8 +4,9 @@ An upload is copied in 1 MiB chunks into a fresh folder under ``settings.data_di
 ``max_upload_bytes``). Accepted: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` and ``.zip`` (one DICOM series); anything
 else is 415 naming the accepted list. A zip is extracted with :func:`medseg.io.safe_extract_zip` (member count and
 size caps from the settings, no path traversal) into a folder that is kept with the upload, because a DICOM SEG
-answer must reference the source instances. The voxel count is read from the header before the pixels are decoded
-(413 over ``max_voxels``), so a header claiming 10⁹ voxels costs nothing. Errors from the library keep their 4xx
+answer must reference the source instances. The header is read and checked by :func:`medseg.io.read_header` before
+the pixels are decoded (413 over ``max_voxels``), so a header claiming 10⁹ voxels, pixels in another file or more
+bytes than were sent costs nothing; uploads are never allowed external data. Errors from the library keep their 4xx
 mapping (:mod:`server.errors`); temporary paths in their messages are replaced by the client's file name.
 """
 
@@ -25,7 +26,7 @@ from monai.data import MetaTensor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medseg.core.errors import MedsegError
-from medseg.io import ZipLimits, load_image, safe_extract_zip
+from medseg.io import VoxelLimitError, ZipLimits, load_image, read_header, safe_extract_zip
 from server.errors import ApiError
 from server.settings import Settings
 
@@ -45,7 +46,6 @@ ACCEPTED_SUFFIXES: tuple[str, ...] = (
     ".tiff",
     ".dcm",
 )
-_RASTER = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _CHUNK = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -145,43 +145,6 @@ async def receive_upload(file: UploadFile, settings: Settings) -> Upload:
     return upload
 
 
-def _header_voxels(path: Path, suffix: str) -> int | None:
-    """Voxels (times components) declared by the header, without decoding pixels; None when unreadable here."""
-    try:
-        if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
-
-            return math.prod(int(s) for s in nib.load(str(path)).header.get_data_shape())
-        if suffix in (".nrrd", ".mha"):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            return math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
-        if suffix in _RASTER:
-            from PIL import Image
-
-            with Image.open(path) as im:  # reads the header only
-                return im.width * im.height * len(im.getbands()) * getattr(im, "n_frames", 1)
-        import pydicom
-
-        if suffix == ".dcm":
-            head = pydicom.dcmread(path, stop_before_pixels=True)
-            frames = int(getattr(head, "NumberOfFrames", 1) or 1)
-            return int(head.Rows) * int(head.Columns) * int(getattr(head, "SamplesPerPixel", 1)) * frames
-
-        from medseg.io.dicom import sorted_series_files
-
-        _, files, _ = sorted_series_files(path)
-        head = pydicom.dcmread(files[0], stop_before_pixels=True)
-        return int(head.Rows) * int(head.Columns) * len(files)
-    except MedsegError:
-        raise
-    except Exception:  # an unreadable header is reported by load_image with the reader's own message
-        return None
-
-
 def check_voxels(voxels: int, settings: Settings, name: str) -> None:
     """413 when ``voxels`` exceeds ``settings.max_voxels``."""
     if voxels > settings.max_voxels:
@@ -220,10 +183,11 @@ def open_image(upload: Upload, settings: Settings) -> MetaTensor:
         if upload.is_dicom and upload.folder is None:
             limits = ZipLimits(max_members=settings.zip_max_members, max_total_bytes=settings.zip_max_total_bytes)
             upload.folder = safe_extract_zip(upload.file, upload.workdir, limits)
-        voxels = _header_voxels(upload.path, upload.suffix)
-        if voxels is not None:
-            check_voxels(voxels, settings, upload.filename)
-        image = load_image(upload.path)
+        read_header(upload.path, max_voxels=settings.max_voxels)  # every header claim; never external data
+        image = load_image(upload.path, max_voxels=settings.max_voxels)
+    except VoxelLimitError as err:
+        check_voxels(err.voxels, settings, upload.filename)
+        raise
     except MedsegError as err:
         raise _scrub(err, upload) from None
     check_voxels(int(math.prod(image.shape)), settings, upload.filename)

@@ -26,7 +26,7 @@ def resolve_label_names(manifest: Manifest) -> tuple[str, ...]:
         raise DataError(f"dataset {manifest.root} has no labelled case", hint="add label files to train on it")
     top = 0
     for case in labelled:
-        values = np.unique(np.asarray(load_image(case.label)))
+        values = np.unique(np.asarray(load_image(case.label, allow_external_data=True)))
         if np.any(values < 0) or np.any(values != np.round(values)):
             raise DataError(f"label {case.label} holds non-integer or negative values", path=case.label)
         top = max(top, int(values.max()))

@@ -212,7 +212,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def _load(path: Path, case_id: str, problems: list[Problem]) -> Any:
     """Read one file; on failure record an ``unreadable`` problem and return ``None``."""
     try:
-        return load_image(path)
+        return load_image(path, allow_external_data=True)  # a dataset on local disk may use detached headers
     except DataError as err:
         problems.append(Problem(case_id, path, "unreadable", err.message))
     except Exception as err:  # noqa: BLE001 - a verifier must report any reader failure and go on with the next case

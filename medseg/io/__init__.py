@@ -1,8 +1,10 @@
-"""Reading and writing images with exact geometry (DESIGN.md §3).
+"""Reading and writing images with exact geometry (``docs/architecture.md``, "Geometry").
 
 Public API::
 
-    load_image(path, *, series_uid=None, zip_limits=None) -> MetaTensor (C, X, Y, Z), RAS affine
+    load_image(path, *, series_uid=None, zip_limits=None, allow_external_data=False, max_voxels=None,
+               nonfinite="error") -> MetaTensor (C, X, Y, Z), RAS affine
+    read_header(path, *, allow_external_data=False, max_voxels=None) -> ImageHeader   (no pixel decoding)
     load_channels(paths) -> MetaTensor (C, X, Y, Z)
     save_mask(mask, reference, path) -> Path            (.png/.tif/.tiff for one-slice masks)
     save_image(image, path) -> Path
@@ -15,6 +17,7 @@ Public API::
 from __future__ import annotations
 
 from medseg.io.archive import ZipLimits, safe_extract_zip
+from medseg.io.checks import NONFINITE_MODES, ImageHeader, VoxelLimitError
 from medseg.io.dicom import DicomSeries, list_dicom_series, read_dicom_series
 from medseg.io.geometry import (
     affine_to_sitk,
@@ -24,14 +27,18 @@ from medseg.io.geometry import (
     sitk_to_affine,
     spacing_from_affine,
 )
+from medseg.io.header import read_header
 from medseg.io.images import IMAGE_SUFFIXES, WRITE_SUFFIXES, load_channels, load_image, save_image, save_mask
 from medseg.io.raster import RASTER_SUFFIXES, raster_channels, read_dicom_image, read_raster, write_raster
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "NONFINITE_MODES",
     "RASTER_SUFFIXES",
     "WRITE_SUFFIXES",
     "DicomSeries",
+    "ImageHeader",
+    "VoxelLimitError",
     "ZipLimits",
     "affine_to_sitk",
     "list_dicom_series",
@@ -42,6 +49,7 @@ __all__ = [
     "raster_channels",
     "read_dicom_image",
     "read_dicom_series",
+    "read_header",
     "read_raster",
     "safe_extract_zip",
     "same_geometry",

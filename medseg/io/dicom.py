@@ -2,13 +2,14 @@
 
 Headers are parsed with pydicom (``stop_before_pixels=True``); pixel data of the chosen, sorted file list is decoded
 by ITK's GDCM reader, which applies RescaleSlope/RescaleIntercept and handles compressed transfer syntaxes.
-Geometry that is non-finite or inconsistent is refused, never guessed (DESIGN.md §3).
+Geometry that is non-finite or inconsistent is refused, never guessed (``docs/architecture.md``, "Geometry").
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,33 @@ from monai.data import MetaTensor
 from pydicom.errors import InvalidDicomError
 
 from medseg.core.errors import DataError
-from medseg.io.geometry import LPS_RAS_FLIP, to_metatensor
+from medseg.io.checks import ImageHeader, check_voxel_cap, size_error
+from medseg.io.geometry import LPS_RAS_FLIP, spacing_from_affine, to_metatensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DicomSeries", "list_dicom_series", "read_dicom_series", "sorted_series_files"]
+__all__ = [
+    "DicomSeries",
+    "PixelClaim",
+    "check_claim",
+    "list_dicom_series",
+    "pixel_claim",
+    "read_dicom_series",
+    "series_header",
+    "sorted_series_files",
+]
 
 # Non-image objects that may share a study folder with the images.
 NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "DOC", "REG"})
 _DEFLATED = "1.2.840.10008.1.2.1.99"
+_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", _DEFLATED})
+# Transfer syntaxes whose pixels live on a JPIP server (JPIP / HTJ2K JPIP referenced, plain and deflated).
+REFERENCED_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205"}
+)
+_DICOMDIR = "1.2.840.10008.1.3.10"
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
 _GAP_TOLERANCE = 0.01  # relative deviation from the median slice gap
 _DUPLICATE_MM = 1e-3  # slices closer than this along the normal are duplicates
 
@@ -48,6 +67,53 @@ class _Instance:
     iop: tuple[float, ...] | None
     pixel_spacing: tuple[float, ...] | None
     slice_thickness: float | None
+    claim: PixelClaim
+
+
+@dataclass(frozen=True)
+class PixelClaim:
+    """What one DICOM file's header says about its pixels, and how many pixel bytes it really holds.
+
+    Attributes:
+        rows, columns, samples, frames, bits_allocated: the header's values (None where absent or not an integer).
+        pixel_representation: 0 unsigned, 1 signed (None where absent).
+        transfer_syntax: the TransferSyntaxUID ("" if absent).
+        element: the pixel data element number (0x0010 PixelData, 0x0008 float, 0x0009 double), None if absent.
+        present: bytes in the pixel data element, None when encapsulated (compressed) or unknowable (deflated).
+        available: bytes left in the file after the element's header (None where not measured).
+    """
+
+    rows: int | None
+    columns: int | None
+    samples: int | None
+    frames: int | None
+    bits_allocated: int | None
+    pixel_representation: int | None
+    transfer_syntax: str
+    element: int | None
+    present: int | None
+    available: int | None
+
+    @property
+    def native(self) -> bool:
+        return self.transfer_syntax in _NATIVE or not self.transfer_syntax
+
+    @property
+    def expected(self) -> int | None:
+        """Pixel bytes the header implies for native (uncompressed) data."""
+        if None in (self.rows, self.columns, self.samples, self.frames, self.bits_allocated):
+            return None
+        bits = self.rows * self.columns * self.samples * self.frames * self.bits_allocated  # type: ignore[operator]
+        return (bits + 7) // 8
+
+    @property
+    def dtype(self) -> str:
+        if self.element == 0x0008:
+            return "float32"
+        if self.element == 0x0009:
+            return "float64"
+        bits = self.bits_allocated if self.bits_allocated in (8, 16, 32, 64) else 8
+        return f"{'int' if self.pixel_representation == 1 else 'uint'}{bits}"
 
 
 @dataclass(frozen=True)
@@ -88,13 +154,94 @@ def float_values(value: Any) -> tuple[float, ...] | None:
     return tuple(out)
 
 
-def _has_pixel_data(fh: Any, ds: pydicom.Dataset) -> bool:
-    """After a ``stop_before_pixels`` read, the stream sits at the pixel data element if there is one."""
-    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+def _int_or_none(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if math.isfinite(number) and number == int(number) else None
+
+
+def pixel_claim(fh: Any, ds: pydicom.Dataset, size: int) -> PixelClaim:
+    """The pixel claim of a file read with ``stop_before_pixels`` from ``fh`` (positioned at the pixel element).
+
+    Args:
+        fh: the open binary file, just after pydicom's header read.
+        ds: the dataset pydicom read.
+        size: the file's size in bytes.
+    """
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    element = present = available = None
     if syntax == _DEFLATED:  # pydicom inflated into its own buffer; the raw stream position means nothing
-        return "Rows" in ds and "Columns" in ds
-    group = fh.read(2)
-    return group in (b"\xe0\x7f", b"\x7f\xe0")  # group 0x7FE0, little or big endian
+        element = 0x0010 if "Rows" in ds and "Columns" in ds else None
+    else:
+        implicit, little = getattr(ds, "original_encoding", (False, True))
+        order = "<" if little is not False else ">"
+        head = fh.read(8)
+        if len(head) == 8 and struct.unpack(order + "H", head[:2])[0] == 0x7FE0:
+            element = struct.unpack(order + "H", head[2:4])[0]
+            if implicit:
+                length = struct.unpack(order + "I", head[4:8])[0]
+            elif head[4:6] in _LONG_VRS:
+                extra = fh.read(4)
+                length = struct.unpack(order + "I", extra)[0] if len(extra) == 4 else 0
+            else:
+                length = struct.unpack(order + "H", head[6:8])[0]
+            available = size - fh.tell()
+            present = None if length == _UNDEFINED else length
+    frames_raw = ds.get("NumberOfFrames", 1)
+    return PixelClaim(
+        rows=_int_or_none(ds.get("Rows")),
+        columns=_int_or_none(ds.get("Columns")),
+        samples=_int_or_none(ds.get("SamplesPerPixel", 1)),
+        frames=1 if frames_raw in (None, "") else _int_or_none(frames_raw),
+        bits_allocated=_int_or_none(ds.get("BitsAllocated")),
+        pixel_representation=_int_or_none(ds.get("PixelRepresentation")),
+        transfer_syntax=syntax,
+        element=element,
+        present=present,
+        available=available,
+    )
+
+
+def check_claim(claim: PixelClaim, path: Path, ds: Any = None) -> None:
+    """Refuse a file whose header lies about its pixels (sizes, sample layout, bytes present, where they are).
+
+    Raises:
+        DataError: naming the field and the value found.
+    """
+
+    def bad(what: str, expected: str, hint: str = "the DICOM header is corrupt; re-export the file") -> DataError:
+        return DataError(f"{path.name}: {what}", expected=expected, hint=hint, path=path)
+
+    if claim.transfer_syntax in REFERENCED_SYNTAXES or (ds is not None and "PixelDataProviderURL" in ds):
+        raise bad(
+            "its pixel data is referenced from elsewhere (JPIP), not stored in the file",
+            "pixel data stored in the file",
+            "retrieve the image with its pixel data (e.g. WADO-RS) and send that file",
+        )
+    for name, value, lo, hi in (("Rows", claim.rows, 1, 65535), ("Columns", claim.columns, 1, 65535)):
+        if value is None or not lo <= value <= hi:
+            raise bad(f"{name} is {value}", f"{name} from {lo} to {hi}")
+    if claim.samples not in (1, 3):
+        raise bad(f"SamplesPerPixel is {claim.samples}", "1 (grey) or 3 (colour)")
+    if claim.bits_allocated not in (1, 8, 16, 32, 64):
+        raise bad(f"BitsAllocated is {claim.bits_allocated}", "1, 8, 16, 32 or 64")
+    if claim.frames is None or claim.frames < 1:
+        raise bad("NumberOfFrames is not a positive integer", "NumberOfFrames >= 1 (or absent)")
+    expected = claim.expected
+    if not claim.native or claim.present is None or expected is None:
+        if claim.available is not None and claim.present is None and claim.available <= 0:
+            raise size_error(path, "the encapsulated pixel data", 1, 0)
+        return
+    if claim.available is not None and claim.present > claim.available:
+        raise size_error(path, f"PixelData claims {claim.present} bytes but the file", expected, claim.available)
+    if claim.present not in (expected, expected + (expected % 2)):
+        raise size_error(
+            path, f"PixelData ({claim.rows}x{claim.columns}, {claim.bits_allocated} bits)", expected, claim.present
+        )
 
 
 def _parse(path: Path) -> _Instance | None:
@@ -102,7 +249,8 @@ def _parse(path: Path) -> _Instance | None:
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
-            has_pixels = _has_pixel_data(fh, ds)
+            claim = pixel_claim(fh, ds, path.stat().st_size)
+            has_pixels = claim.element is not None
     except (InvalidDicomError, OSError, EOFError):
         return None
     except Exception as exc:  # a broken header must not stop the scan of the other files
@@ -112,10 +260,7 @@ def _parse(path: Path) -> _Instance | None:
     uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not has_pixels or not uid or modality in NON_IMAGE_MODALITIES:
         return None
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
+    frames = claim.frames if claim.frames is not None else 1
     ipp, iop = float_values(ds.get("ImagePositionPatient")), float_values(ds.get("ImageOrientationPatient"))
     if frames <= 1 and (ipp is None or iop is None):
         return None  # no patient geometry (e.g. secondary capture): not an image series we can place in space
@@ -139,6 +284,7 @@ def _parse(path: Path) -> _Instance | None:
         iop=iop,
         pixel_spacing=float_values(ds.get("PixelSpacing")),
         slice_thickness=thickness[0] if thickness else None,
+        claim=claim,
     )
 
 
@@ -214,6 +360,14 @@ def _sort_and_affine(items: list[_Instance], folder: Path) -> tuple[list[Path], 
         raise _refuse(folder, "multi-frame images (NumberOfFrames > 1) are not supported yet", "single-frame slices")
     first = items[0]
     for inst in items:
+        check_claim(inst.claim, inst.path)
+        if (inst.claim.bits_allocated, inst.claim.samples) != (first.claim.bits_allocated, first.claim.samples):
+            raise _refuse(
+                folder,
+                f"slice {inst.path.name} has {inst.claim.bits_allocated} bits x {inst.claim.samples} samples but "
+                f"{first.path.name} has {first.claim.bits_allocated} x {first.claim.samples}",
+                "the same BitsAllocated and SamplesPerPixel in every slice",
+            )
         if (inst.rows, inst.columns) != (first.rows, first.columns):
             raise _refuse(
                 folder,
@@ -229,11 +383,13 @@ def _sort_and_affine(items: list[_Instance], folder: Path) -> tuple[list[Path], 
                 "two finite, positive PixelSpacing values (mm)",
                 "the pixel spacing is unknown; fix the header rather than guess it",
             )
+        assert first.pixel_spacing is not None  # items[0] passed the check above in the first iteration
         if not np.allclose(ps, first.pixel_spacing, rtol=0.0, atol=1e-4):
             raise _refuse(folder, f"PixelSpacing differs between slices ({first.pixel_spacing} vs {ps})", "one value")
         for name, value, size in (("ImagePositionPatient", inst.ipp, 3), ("ImageOrientationPatient", inst.iop, 6)):
             if value is None or len(value) != size or not all(math.isfinite(v) for v in value):
                 raise _refuse(folder, f"slice {inst.path.name} has invalid {name} {value}", f"{size} finite values")
+        assert inst.iop is not None and first.iop is not None  # checked just above (items[0] in the first iteration)
         if not np.allclose(inst.iop, first.iop, rtol=0.0, atol=1e-4):
             raise _refuse(
                 folder,
@@ -284,6 +440,7 @@ def _sort_and_affine(items: list[_Instance], folder: Path) -> tuple[list[Path], 
     else:
         thick = first.slice_thickness
         gap = float(thick) if thick is not None and math.isfinite(thick) and thick > 0 else 1.0
+    assert first.pixel_spacing is not None  # checked in the loop above
     row_spacing, col_spacing = first.pixel_spacing
     lps = np.eye(4)
     lps[:3, 0] = row_cos * col_spacing
@@ -316,6 +473,46 @@ def sorted_series_files(folder: str | Path, *, series_uid: str | None = None) ->
     return uid, paths, affine
 
 
+def _series_header(folder: Path, items: list[_Instance], affine: np.ndarray, max_voxels: int | None) -> ImageHeader:
+    first = items[0]
+    claims = [i.claim for i in items]
+    shape = (int(first.columns or 0), int(first.rows or 0), len(items))
+    voxels = shape[0] * shape[1] * shape[2] * int(first.claim.samples or 1)
+    check_voxel_cap(folder, voxels, max_voxels)
+    expected = [c.expected for c in claims]
+    present = [c.present for c in claims]
+    spacing = spacing_from_affine(affine)
+    return ImageHeader(
+        path=folder,
+        format="dicom",
+        shape=shape,
+        channels=int(first.claim.samples or 1),
+        voxels=voxels,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        dtype=first.claim.dtype,
+        data_file=folder,
+        bytes_expected=sum(e for e in expected if e is not None) if None not in expected else None,
+        bytes_present=sum(p for p in present if p is not None) if None not in present else None,
+        compression="none" if first.claim.native else first.claim.transfer_syntax,
+    )
+
+
+def series_header(folder: str | Path, *, series_uid: str | None = None, max_voxels: int | None = None) -> ImageHeader:
+    """The :class:`~medseg.io.checks.ImageHeader` of the series :func:`read_dicom_series` would read, from headers only.
+
+    Applies every check of :func:`read_dicom_series` that needs no pixel decoding (series rule, geometry, the pixel
+    bytes of each file against its Rows/Columns/BitsAllocated/SamplesPerPixel) and the voxel cap.
+
+    Raises:
+        DataError: as :func:`read_dicom_series`, or more than ``max_voxels`` voxels.
+    """
+    folder = Path(folder)
+    groups = _scan(folder)
+    uid = _choose(groups, series_uid, folder)
+    _, affine = _sort_and_affine(groups[uid], folder)
+    return _series_header(folder, groups[uid], affine, max_voxels)
+
+
 def _decode(paths: list[Path], folder: Path) -> np.ndarray:
     """Decode the slices with ITK/GDCM in exactly the given order; returns ``(X, Y, Z)`` float32 (rescaled)."""
     import itk  # slow to import: only when DICOM pixels are needed
@@ -337,7 +534,11 @@ def _decode(paths: list[Path], folder: Path) -> np.ndarray:
 
 
 def read_dicom_series(
-    folder: str | Path, *, series_uid: str | None = None, display_name: str | None = None
+    folder: str | Path,
+    *,
+    series_uid: str | None = None,
+    display_name: str | None = None,
+    max_voxels: int | None = None,
 ) -> MetaTensor:
     """Read one DICOM image series from a folder (searched recursively).
 
@@ -358,19 +559,22 @@ def read_dicom_series(
         folder: folder of DICOM files.
         series_uid: SeriesInstanceUID to read, or None to choose as above.
         display_name: name stored as ``filename_or_obj`` (e.g. the original zip), defaults to ``folder``.
+        max_voxels: refuse a series of more voxels than this before decoding (None: no cap).
 
     Returns:
         ``MetaTensor`` ``(1, X, Y, Z)`` float32 (X = column index, Y = row index, Z = slice) in rescaled units (e.g.
         HU), RAS affine; meta has ``source_format="dicom"``, ``series_uid``, ``study_uid``, ``modality``.
 
     Raises:
-        DataError: no image series, unknown ``series_uid``, refused geometry, or undecodable pixel data.
+        DataError: no image series, unknown ``series_uid``, refused geometry, pixel data shorter or longer than
+            the headers imply, more than ``max_voxels`` voxels, or undecodable pixel data.
     """
     folder = Path(folder)
     groups = _scan(folder)
     uid = _choose(groups, series_uid, folder)
     items = groups[uid]
     paths, affine = _sort_and_affine(items, folder)
+    _series_header(folder, items, affine, max_voxels)
     volume = _decode(paths, folder)
     first = items[0]
     expected_shape = (first.columns, first.rows, len(paths))

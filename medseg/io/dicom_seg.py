@@ -208,10 +208,11 @@ def _as_segmentation(ds: pydicom.Dataset | str | Path) -> Any:
     if isinstance(ds, hd.seg.Segmentation):
         return ds
     if isinstance(ds, str | Path):
+        path = ds
         try:
-            ds = pydicom.dcmread(ds)
+            ds = pydicom.dcmread(path)
         except Exception as exc:
-            raise DataError(f"cannot read {Path(ds).name} as DICOM", expected="a DICOM SEG file", path=ds) from exc
+            raise DataError(f"cannot read {Path(path).name} as DICOM", expected="a DICOM SEG file", path=path) from exc
     if str(ds.get("SOPClassUID", "")) != _SEG_SOP_CLASS:
         raise DataError(
             f"dataset has SOPClassUID {ds.get('SOPClassUID', '(none)')}",

@@ -139,7 +139,8 @@ def to_metatensor(array: np.ndarray, affine: Any, meta: dict[str, Any]) -> MetaT
         ``MetaTensor`` ``(C, X, Y, Z)`` float32 with a float64 ``.affine`` and ``.meta`` holding ``original_affine``,
         ``spatial_shape``, ``space="RAS"`` and ``original_channel_dim=0`` (already channel-first).
     """
-    data = np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf, refused by load_image
+        data = np.ascontiguousarray(array, dtype=np.float32)
     if data.ndim != 4:
         raise DataError(f"image array has shape {data.shape}", expected="(C, X, Y, Z)")
     aff = as_numpy_affine(affine)

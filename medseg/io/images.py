@@ -1,11 +1,13 @@
 """Image and mask reading/writing with exact geometry: NIfTI, NRRD, MetaImage, DICOM and 2D PNG/JPEG/TIFF/BMP.
 
-One reader per format: nibabel for NIfTI, SimpleITK for NRRD/MetaImage (converted from LPS to RAS), pydicom + ITK
-for DICOM series (see :mod:`medseg.io.dicom`), and :mod:`medseg.io.raster` for 2D images (PNG, JPEG, TIFF, BMP
-and single ``.dcm`` files). Everything returns the medseg image contract: a float32 ``MetaTensor`` ``(C, X, Y, Z)``
-with a RAS ``.affine`` (see :mod:`medseg.io.geometry`); a 2D image is a volume of one slice, ``(C, X, Y, 1)``.
-Writers are atomic: they write into a temporary folder next to the target and move the result into place with
-``os.replace``. 2D masks can be written as PNG or TIFF; NIfTI, NRRD and MetaImage hold masks of any shape.
+One reader per format: nibabel for NIfTI (:mod:`medseg.io.nifti`), SimpleITK for NRRD/MetaImage (converted from
+LPS to RAS), pydicom + ITK for DICOM series (see :mod:`medseg.io.dicom`), and :mod:`medseg.io.raster` for 2D images
+(PNG, JPEG, TIFF, BMP and single ``.dcm`` files). Every header is checked first by :func:`medseg.io.read_header`
+(pixels in the file itself, byte counts that match the claim, finite non-singular geometry). Everything returns
+the medseg image contract: a float32 ``MetaTensor`` ``(C, X, Y, Z)`` with a RAS ``.affine`` (see
+:mod:`medseg.io.geometry`); a 2D image is a volume of one slice, ``(C, X, Y, 1)``. Writers are atomic: they write
+into a temporary folder next to the target and move the result into place with ``os.replace``. 2D masks can be
+written as PNG or TIFF; NIfTI, NRRD and MetaImage hold masks of any shape.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
-from medseg.core.errors import ConfigError, DataError, ModelInputError
+from medseg.core.errors import DataError, ModelInputError
 from medseg.io.archive import ZipLimits, safe_extract_zip
+from medseg.io.checks import ImageHeader, NonFinite, check_nonfinite_mode
 from medseg.io.dicom import read_dicom_series
 from medseg.io.geometry import (
     affine_to_sitk,
@@ -33,9 +36,10 @@ from medseg.io.geometry import (
     spacing_from_affine,
     to_metatensor,
 )
+from medseg.io.header import FORMATS, IMAGE_SUFFIXES, image_suffix, read_header
+from medseg.io.nifti import read_nifti
 from medseg.io.raster import (
     DICOM_SUFFIXES,
-    RASTER_SUFFIXES,
     RASTER_WRITE_SUFFIXES,
     read_dicom_image,
     read_raster,
@@ -48,52 +52,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_SUFFIXES", "WRITE_SUFFIXES", "load_channels", "load_image", "save_image", "save_mask"]
 
-_FORMATS = {
-    ".nii": "nifti",
-    ".nii.gz": "nifti",
-    ".nrrd": "nrrd",
-    ".nhdr": "nrrd",
-    ".mha": "metaimage",
-    ".mhd": "metaimage",
-}
-#: Suffixes ``load_image`` reads (besides a DICOM folder).
-IMAGE_SUFFIXES: tuple[str, ...] = (*_FORMATS, *RASTER_SUFFIXES, *DICOM_SUFFIXES, ".zip")
+_FORMATS = {k: v for k, v in FORMATS.items() if k != ".hdr"}  # formats written (a NIfTI pair is only read)
 #: Suffixes ``save_mask`` writes; ``save_image`` writes all but the 2D ones (``.png``, ``.tif``, ``.tiff``).
 WRITE_SUFFIXES: tuple[str, ...] = (*_FORMATS, *RASTER_WRITE_SUFFIXES)
 _SITK_IO = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
+_suffix = image_suffix
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def _read_nifti(path: Path) -> MetaTensor:
-    try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-            raise DataError(f"{path.name} is not a NIfTI image", expected="NIfTI-1 or NIfTI-2", path=path)
-        data = img.get_fdata(dtype=np.float32)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except DataError:
-        raise
-    except Exception as exc:  # nibabel/gzip/zlib raise many types for a broken file; none may escape raw
-        raise unreadable_file_error(path, "NIfTI", exc) from exc
-    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images are (X, Y, Z, 1, C)
-        data = data[:, :, :, 0]
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim == 3:
-        data = data[None]
-    elif data.ndim == 4:
-        data = np.moveaxis(data, -1, 0)
-    else:
-        raise DataError(f"{path.name} has shape {data.shape}", expected="a 2D, 3D or 4D (X, Y, Z, C) NIfTI", path=path)
-    affine = check_affine(affine, path.name)
-    return to_metatensor(data, affine, {"filename_or_obj": str(path), "source_format": "nifti"})
-
-
-def _read_sitk(path: Path, fmt: str) -> MetaTensor:
+def _read_sitk(path: Path, header: ImageHeader) -> MetaTensor:
+    fmt = header.format
     try:
         img = sitk.ReadImage(str(path), imageIO=_SITK_IO[fmt])
         arr = sitk.GetArrayFromImage(img)
@@ -106,6 +73,13 @@ def _read_sitk(path: Path, fmt: str) -> MetaTensor:
             expected="a 2D or 3D image of real scalars or vectors",
             path=path,
         )
+    if arr.size != header.voxels:
+        raise DataError(
+            f"{path.name} decoded to {arr.size} values",
+            expected=f"{header.voxels} values, as its header claims (shape {header.shape} x {header.channels})",
+            hint="the header is inconsistent; re-export the image",
+            path=path,
+        )
     if dim == 2:
         arr = arr[None]
     if img.GetNumberOfComponentsPerPixel() == 1:
@@ -115,19 +89,57 @@ def _read_sitk(path: Path, fmt: str) -> MetaTensor:
     return to_metatensor(data, affine, {"filename_or_obj": str(path), "source_format": fmt})
 
 
-def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: ZipLimits | None = None) -> MetaTensor:
-    """Load an image with its geometry.
+def _finite(image: MetaTensor, nonfinite: NonFinite, name: str) -> MetaTensor:
+    """Refuse (or, with ``nonfinite="zero"``, zero) NaN and infinite voxel values."""
+    bad = ~torch.isfinite(image.as_tensor())
+    count = int(bad.sum())
+    if count == 0:
+        return image
+    if nonfinite == "error":
+        raise DataError(
+            f"{name} holds {count} non-finite voxel values (NaN or infinity) of {image.numel()}",
+            expected="finite voxel values",
+            hint='fix the image, or pass nonfinite="zero" to replace them with 0',
+            path=name,
+        )
+    logger.warning("%s: replaced %d non-finite voxel values with 0", name, count)
+    image.as_tensor()[bad] = 0.0
+    return image
 
-    Supported: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``), a folder
-    of DICOM files (searched recursively), a ``.zip`` of DICOM files (extracted safely into a temporary folder
-    that is removed afterwards), and 2D images: PNG, JPEG, TIFF, BMP (``.png``, ``.jpg``, ``.jpeg``, ``.tif``,
-    ``.tiff``, ``.bmp``) and a single-frame DICOM file (``.dcm``). For the DICOM series rule and geometry checks see
-    :func:`medseg.io.dicom.read_dicom_series`; for 2D images (channels, pixel size) see :mod:`medseg.io.raster`.
+
+def load_image(
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    zip_limits: ZipLimits | None = None,
+    allow_external_data: bool = False,
+    max_voxels: int | None = None,
+    nonfinite: NonFinite = "error",
+) -> MetaTensor:
+    """Load an image with its geometry, refusing files whose header lies.
+
+    Supported: NIfTI (``.nii``, ``.nii.gz``; a ``.hdr``/``.img`` pair with ``allow_external_data``), NRRD
+    (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``), a folder of DICOM files (searched recursively), a
+    ``.zip`` of DICOM files (extracted safely into a temporary folder that is removed afterwards), and 2D images:
+    PNG, JPEG, TIFF, BMP (``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp``) and a single-frame DICOM
+    file (``.dcm``). For the DICOM series rule and geometry checks see :func:`medseg.io.dicom.read_dicom_series`; for
+    2D images (channels, pixel size) see :mod:`medseg.io.raster`.
+
+    Every header is checked before its pixels are decoded (:func:`medseg.io.read_header`): the pixels must be in the
+    file itself (unless ``allow_external_data``), their byte count must match what the header implies (a compressed
+    stream is decompressed one byte past the claim at most), and spacing, origin and direction must be finite,
+    positive and non-singular. Decoded voxel values must be finite.
 
     Args:
         path: image file, DICOM folder or DICOM zip.
         series_uid: DICOM folder or zip only: the SeriesInstanceUID to read (default: the largest image series).
         zip_limits: limits for zip extraction (``ZipLimits()`` if None).
+        allow_external_data: read a detached ``.nhdr``/``.mhd`` or a NIfTI ``.hdr``/``.img`` pair whose data file
+            is one regular file inside the header's folder. Off by default: a header that points elsewhere (another
+            path, ``../``, a device, a file list) is refused. For local files only; never for uploads.
+        max_voxels: refuse an image whose header claims more voxels (times channels) than this, before decoding
+            (None: no cap).
+        nonfinite: ``"error"`` (default) refuses NaN/Inf voxel values; ``"zero"`` replaces them with 0 (logged).
 
     Returns:
         ``MetaTensor`` ``(C, X, Y, Z)`` float32 (a 3D scalar image has C=1; a 4D NIfTI ``(X, Y, Z, C)`` has C
@@ -137,9 +149,10 @@ def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: Z
         "metaimage", "dicom", "raster"; DICOM adds ``series_uid``, ``study_uid``, ``modality``).
 
     Raises:
-        DataError: missing path, unsupported suffix, unreadable or corrupt file, refused geometry, a multi-page or
-            multi-frame 2D file.
-        ConfigError: ``series_uid`` given for a file other than a DICOM zip.
+        DataError: missing path, unsupported suffix, unreadable or corrupt file, a header that lies (external data,
+            sizes that do not match the bytes present, refused geometry), more than ``max_voxels`` voxels,
+            non-finite voxel values, a multi-page or multi-frame 2D file.
+        ConfigError: ``series_uid`` given for a file other than a DICOM zip, or an unknown ``nonfinite``.
 
     Examples::
 
@@ -149,45 +162,39 @@ def load_image(path: str | Path, *, series_uid: str | None = None, zip_limits: Z
         >>> load_image("lesion_01.png").shape
         torch.Size([3, 600, 450, 1])
     """
+    check_nonfinite_mode(nonfinite)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p} not found", expected="an existing image file or DICOM folder", path=p)
     if p.is_dir():
-        return read_dicom_series(p, series_uid=series_uid)
-    suffix = _suffix(p)
-    if suffix == ".zip":
+        image = read_dicom_series(p, series_uid=series_uid, max_voxels=max_voxels)
+    elif _suffix(p) == ".zip":
         with tempfile.TemporaryDirectory(prefix="medseg-zip-") as tmp:
             folder = safe_extract_zip(p, tmp, zip_limits)
             try:
-                return read_dicom_series(folder, series_uid=series_uid, display_name=str(p))
+                image = read_dicom_series(folder, series_uid=series_uid, display_name=str(p), max_voxels=max_voxels)
             except DataError as err:  # name the zip, not the temporary folder
                 what = err.what.replace(str(folder), p.name)
                 raise DataError(what, expected=err.expected, hint=err.hint, path=p) from err
-    is_2d = suffix in RASTER_SUFFIXES or suffix in DICOM_SUFFIXES
-    fmt = _FORMATS.get(suffix)
-    if fmt is None and not is_2d:
-        raise DataError(
-            f"{p.name} has an unsupported suffix {suffix or '(none)'}",
-            expected=f"one of {', '.join(IMAGE_SUFFIXES)} or a folder of DICOM files",
-            hint="convert the image to NIfTI, or pass the folder that holds the DICOM series",
-            path=p,
-        )
-    if series_uid is not None:
-        raise ConfigError(
-            f"series_uid given for {p.name}", expected="series_uid only with a DICOM folder or zip", path=p
-        )
-    if suffix in DICOM_SUFFIXES:
-        return read_dicom_image(p)
-    if suffix in RASTER_SUFFIXES:
-        return read_raster(p)
-    return _read_nifti(p) if fmt == "nifti" else _read_sitk(p, fmt)
+    else:
+        header = read_header(p, allow_external_data=allow_external_data, max_voxels=max_voxels, series_uid=series_uid)
+        if header.format == "nifti":
+            image = read_nifti(p, header)
+        elif header.format in _SITK_IO:
+            image = _read_sitk(p, header)
+        elif _suffix(p) in DICOM_SUFFIXES:
+            image = read_dicom_image(p)
+        else:
+            image = read_raster(p)
+    return _finite(image, nonfinite, p.name)
 
 
-def load_channels(paths: Sequence[str | Path]) -> MetaTensor:
+def load_channels(paths: Sequence[str | Path], **options: Any) -> MetaTensor:
     """Load one single-channel file per channel and stack them (e.g. BraTS T1/T1ce/T2/FLAIR).
 
     Args:
         paths: one image file per channel, in channel order.
+        **options: keyword options of :func:`load_image` (``allow_external_data``, ``max_voxels``, ``nonfinite``).
 
     Returns:
         ``MetaTensor`` ``(C, X, Y, Z)`` with C = ``len(paths)``; affine and meta from the first file, plus
@@ -199,7 +206,7 @@ def load_channels(paths: Sequence[str | Path]) -> MetaTensor:
     files = [Path(p) for p in paths]
     if not files:
         raise DataError("no channel files given", expected="at least one image path")
-    images = [load_image(p) for p in files]
+    images = [load_image(p, **options) for p in files]
     first = images[0]
     first_affine = as_numpy_affine(first.affine)
     for p, img in zip(files, images, strict=True):

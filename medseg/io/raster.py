@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,15 @@ from monai.data import MetaTensor
 
 from medseg.core.atomic import atomic_write
 from medseg.core.errors import DataError, ModelInputError
-from medseg.io.dicom import NON_IMAGE_MODALITIES, float_values
+from medseg.io.checks import regular_file
+from medseg.io.dicom import (
+    NON_IMAGE_MODALITIES,
+    REFERENCED_SYNTAXES,
+    PixelClaim,
+    check_claim,
+    float_values,
+    pixel_claim,
+)
 from medseg.io.geometry import LPS_RAS_FLIP, check_affine, to_metatensor
 
 logger = logging.getLogger(__name__)
@@ -46,6 +54,7 @@ __all__ = [
     "DICOM_SUFFIXES",
     "RASTER_SUFFIXES",
     "RASTER_WRITE_SUFFIXES",
+    "dicom_file_claim",
     "raster_channels",
     "read_dicom_image",
     "read_raster",
@@ -234,7 +243,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
             pages = len(tif.pages)
             if pages > 1:
                 raise _not_single_image(path, f"{pages} pages (a multi-page TIFF or stack)")
-            page = tif.pages[0]
+            page = cast("tifffile.TiffPage", tif.pages[0])  # a first page is a TiffPage, never a frame
             if int(page.photometric) not in _TIFF_PHOTOMETRIC_TIFFFILE:
                 return _read_pillow(path, "TIFF")
             axes = str(page.axes)
@@ -360,14 +369,65 @@ def _dicom_affine(ds: Any, path: Path) -> tuple[np.ndarray, str]:
         lps[:3, 2] = normal / np.linalg.norm(normal) * gap
         lps[:3, 3] = ipp
         return LPS_RAS_FLIP @ lps, "patient"
-    for source, spacing in (
-        ("PixelSpacing", _valid_spacing(float_values(ds.get("PixelSpacing")))),
-        ("ImagerPixelSpacing", _valid_spacing(float_values(ds.get("ImagerPixelSpacing")))),
-        ("SequenceOfUltrasoundRegions", _ultrasound_spacing(ds)),
-    ):
-        if spacing is not None:
+    for source in ("PixelSpacing", "ImagerPixelSpacing"):
+        if ds.get(source) not in (None, ""):
+            spacing = _valid_spacing(float_values(ds.get(source)))
+            if spacing is None:
+                raise _dicom_geometry_error(
+                    path, f"invalid {source} {ds.get(source)}", f"two finite, positive {source} values (mm)"
+                )
             return np.diag([spacing[1], spacing[0], 1.0, 1.0]), source
+    spacing = _ultrasound_spacing(ds)
+    if spacing is not None:
+        return np.diag([spacing[1], spacing[0], 1.0, 1.0]), "SequenceOfUltrasoundRegions"
     return np.eye(4), "default"
+
+
+def dicom_file_claim(path: Path) -> tuple[PixelClaim, Any]:
+    """Read a single DICOM file's header (no pixels) and refuse what :func:`read_dicom_image` cannot read.
+
+    Returns:
+        The file's :class:`~medseg.io.dicom.PixelClaim` and its pydicom header dataset.
+
+    Raises:
+        DataError: not a regular file, not DICOM, a DICOMDIR, no pixel data, a non-image object, a multi-frame image,
+            or a header whose pixel claim does not match the bytes present (:func:`medseg.io.dicom.check_claim`).
+    """
+    import pydicom
+
+    size = regular_file(path, "an existing DICOM file")
+    try:
+        with open(path, "rb") as fh:
+            head = pydicom.dcmread(fh, stop_before_pixels=True)
+            claim = pixel_claim(fh, head, size)
+    except Exception as exc:  # InvalidDicomError, EOFError, struct.error ... for broken files
+        raise unreadable_file_error(path, "DICOM", exc) from exc
+    modality = str(head.get("Modality", "") or "").upper()
+    sop_class = str(getattr(getattr(head, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in head:
+        raise DataError(
+            f"{path.name} is a DICOMDIR, an index that references other files",
+            expected="a DICOM image file",
+            hint="pass the folder (or a zip) of the series instead",
+            path=path,
+        )
+    if claim.transfer_syntax in REFERENCED_SYNTAXES or "PixelDataProviderURL" in head:
+        check_claim(claim, path, head)  # refuses pixel data held elsewhere
+    if claim.element is None:
+        raise DataError(
+            f"{path.name} holds no pixel data ({modality or 'no modality'})", expected="a DICOM image", path=path
+        )
+    if modality in NON_IMAGE_MODALITIES:
+        raise DataError(f"{path.name} is a {modality} object, not an image", expected="a DICOM image", path=path)
+    if claim.frames is not None and claim.frames > 1:
+        raise DataError(
+            f"{path.name}: multi-frame images (NumberOfFrames > 1) are not supported yet",
+            expected="a single-frame 2D image",
+            hint="export the frame you need as its own file, or pass the folder of a single-frame series",
+            path=path,
+        )
+    check_claim(claim, path, head)
+    return claim, head
 
 
 def read_dicom_image(path: str | Path) -> MetaTensor:
@@ -389,34 +449,20 @@ def read_dicom_image(path: str | Path) -> MetaTensor:
 
     Raises:
         DataError: not a DICOM file, no pixel data, a non-image object (SEG, RTSTRUCT, ...), a multi-frame image,
-            pixel data pydicom cannot decode, or invalid patient geometry.
+            a header whose Rows/Columns/BitsAllocated/SamplesPerPixel disagree with the pixel bytes present (see
+            :func:`dicom_file_claim`), pixel data pydicom cannot decode, invalid patient geometry, or a present
+            but invalid PixelSpacing / ImagerPixelSpacing.
     """
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p} not found", expected="an existing DICOM file", path=p)
+    dicom_file_claim(p)
     try:
         ds = pydicom.dcmread(p)
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error ... for broken files
         raise unreadable_file_error(p, "DICOM", exc) from exc
     modality = str(ds.get("Modality", "") or "").upper()
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DataError(f"{p.name} holds no pixel data ({modality or 'no modality'})", expected="a DICOM image", path=p)
-    if modality in NON_IMAGE_MODALITIES:
-        raise DataError(f"{p.name} is a {modality} object, not an image", expected="a DICOM image", path=p)
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    if frames > 1:
-        raise DataError(
-            f"{p.name}: multi-frame images (NumberOfFrames > 1) are not supported yet",
-            expected="a single-frame 2D image",
-            hint="export the frame you need as its own file, or pass the folder of a single-frame series",
-            path=p,
-        )
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
     try:
         pixels = ds.pixel_array
@@ -436,8 +482,8 @@ def read_dicom_image(path: str | Path) -> MetaTensor:
     pixels = np.asarray(pixels)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
-    if pixels.ndim != 3:
-        raise _not_single_image(p, f"pixel data of shape {pixels.shape}")
+    if pixels.ndim != 3 or pixels.shape[:2] != (ds.Rows, ds.Columns):
+        raise _not_single_image(p, f"pixel data of shape {pixels.shape} (Rows {ds.Rows}, Columns {ds.Columns})")
     affine, geometry_source = _dicom_affine(ds, p)
     meta = {
         "filename_or_obj": str(p),
@@ -480,7 +526,7 @@ def raster_channels(path: str | Path) -> int:
 
         try:
             with tifffile.TiffFile(p) as tif:
-                page = tif.pages[0]
+                page = cast("tifffile.TiffPage", tif.pages[0])  # a first page is a TiffPage, never a frame
                 if int(page.photometric) in _TIFF_PHOTOMETRIC_TIFFFILE:
                     return len(_tiff_channels_kept(page))
         except Exception:  # noqa: BLE001 - Pillow or the full reader reports what is wrong below

@@ -11,10 +11,9 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Upload
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from medseg.core.errors import ModelInputError
 from server.errors import ApiError
 from server.jobs import JobManager
-from server.prompts import PROMPTS_DESCRIPTION, check_prompts, parse_prompts
+from server.prompts import PROMPTS_DESCRIPTION, parse_prompts
 from server.results import LABEL_HEADER, check_output, file_response
 from server.routes.predict import pick, require_multipart
 from server.schemas import JobCreated, JobDeleted, JobStatus, OutputFormat, error_responses
@@ -63,26 +62,14 @@ async def create_job(
     store = request.app.state.models
     model = store.get(name)
     prompts = parse_prompts(pick(prompts_q, prompts_f, None))
-    check_prompts(name, model.card, prompts)
+    model.check_prompts(prompts)
     jobs = _jobs(request)
     jobs.check_capacity()
     upload = await receive_upload(file, settings)
     try:
         check_output(output, upload.is_dicom)
         image = await run_in_threadpool(open_image, upload, settings)
-        if prompts is not None:
-            prompts.to_voxel(image.affine, tuple(image.shape[1:]))  # out-of-image prompts fail now, not in the job
-            if image.shape[0] not in (1, 3):
-                raise ModelInputError(
-                    f"{upload.filename} has {image.shape[0]} channels but prompted model {name!r} takes grey (1) or "
-                    "RGB (3) images",
-                    hint="send one channel of the study",
-                )
-        elif image.shape[0] != model.card.in_channels:
-            raise ModelInputError(
-                f"{upload.filename} has {image.shape[0]} channel(s) but model {name!r} takes {model.card.in_channels}",
-                hint="send an image with the channels the model was trained on",
-            )
+        model.check_input(image, prompts)  # channels, dimensions, prompts inside the image: fail now, not in the job
         del image
         job_id = await run_in_threadpool(
             jobs.submit,

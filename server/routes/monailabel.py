@@ -1,6 +1,6 @@
 """The MONAI Label protocol, so 3D Slicer's MONAILabel module works against medseg unchanged.
 
-What that client sends and reads (see ENVIRONMENT.md "MONAI Label protocol"):
+What that client sends and reads (see ``docs/server.md``, "MONAI Label protocol"):
 
 * ``GET /info/``: ``name, version, labels, models{type, labels, dimension, description}, trainers, strategies,
   scoring, train_stats, datastore``. No top-level ``config``: a non-empty one makes Slicer ask for a server upgrade.
@@ -45,10 +45,9 @@ from monai.data import MetaTensor
 
 import medseg
 from medseg.inference.prompts import Prompts
-from medseg.io import load_image, save_mask
+from medseg.io import load_image, same_geometry, save_mask
 from server.datastore import FINAL_TAG, STORE_SUFFIXES, Datastore, check_id, store_suffix
 from server.errors import ApiError
-from server.prompts import check_prompts
 from server.security import check_password, require_auth
 from server.settings import Settings
 from server.uploads import Upload, check_voxels, client_filename, open_image, receive_upload
@@ -84,7 +83,7 @@ def _parse_params(raw: str | None) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ApiError(
             400, "BadParams", f"params is not valid JSON ({exc.msg} at char {exc.pos})", hint='send e.g. {"a": 1}'
         ) from None
@@ -239,15 +238,14 @@ async def info(request: Request) -> dict[str, Any]:
         card = model.card
         fg = _foreground(model.label_names)
         labels += [n for n in fg if n not in labels]
-        window = getattr(model, "window", None)
         models[name] = {
             # Prompted models take Slicer's foreground / background clicks like MONAI Label's deepgrow models.
-            "type": "deepgrow" if card.needs_prompts else "segmentation",
+            "type": "deepgrow" if model.needs_prompts else "segmentation",
             "labels": fg,
             "dimension": 3,
             "description": f"{card.name} ({card.in_channels} channel(s) in, {len(fg)} label(s) out)"
             + (f"; {card.paper}" if card.paper else ""),
-            "config": {"tta": bool(getattr(window, "tta", False))},
+            "config": {"tta": model.tta_default},
         }
     return {
         "name": "medseg",
@@ -285,7 +283,7 @@ async def infer(
     if tta is not None and not isinstance(tta, bool):
         raise ApiError(422, "BadParams", f"tta is {type(tta).__name__}", hint="send true or false")
     prompts = _prompts_from_params(opts)
-    check_prompts(model, segmenter.card, prompts)
+    segmenter.check_prompts(prompts)
     if image:
         check_id(image)
     datastore = _datastore(request)
@@ -314,10 +312,7 @@ async def infer(
                 raise ApiError(503, "Busy", f"model {model!r} is busy", headers={"Retry-After": "10"})
             try:
                 t1 = time.perf_counter()
-                if prompts is not None:
-                    prediction = segmenter.predict(volume, tta=tta, prompts=prompts)
-                else:
-                    prediction = segmenter.predict(volume, tta=tta)
+                prediction = segmenter.predict(volume, tta=tta, prompts=prompts)
                 t2 = time.perf_counter()
             finally:
                 lock.release()
@@ -420,12 +415,14 @@ async def datastore_label(
         try:
             mask = open_image(upload, settings)
             volume = _load_stored(image_path, settings, image_id)
-            if tuple(mask.shape[1:]) != tuple(volume.shape[1:]):
+            if not same_geometry(mask, volume):
+                shift = float(np.max(np.abs(mask.affine.numpy() - volume.affine.numpy())))
                 raise ApiError(
                     422,
                     "GeometryMismatch",
-                    f"label has shape {tuple(mask.shape[1:])}, image {image_id!r} has {tuple(volume.shape[1:])}",
-                    hint="export the label on the image's grid",
+                    f"label has shape {tuple(mask.shape[1:])} and image {image_id!r} {tuple(volume.shape[1:])}; "
+                    f"their voxel-to-world affines differ by up to {shift:.3g} mm",
+                    hint="export the label on the image's grid (same shape, spacing, origin and direction)",
                 )
             info = {"client_id": str(opts.get("client_id", ""))[:64], "params": _small(opts)}
             store.save_label(image_id, tag, upload.file, upload.suffix, info)

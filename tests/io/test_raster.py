@@ -172,7 +172,7 @@ def test_multi_frame_and_non_image_dicom_are_refused(tmp_path: Path) -> None:
         load_image(get_testdata_file("examples_ybr_color.dcm"))
     with pytest.raises(DataError, match="SEG object, not an image"):
         load_image(get_testdata_file("liver_1frame.dcm"))
-    with pytest.raises(DataError, match="could not decode the pixel data of MR_truncated.dcm"):
+    with pytest.raises(DataError, match=r"MR_truncated.dcm: PixelData claims 8192 bytes but the file holds 8130"):
         load_image(get_testdata_file("MR_truncated.dcm"))
     (tmp_path / "x.dcm").write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match="cannot read x.dcm as DICOM"):

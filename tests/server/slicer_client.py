@@ -1,6 +1,6 @@
 """A client that talks to the server the way 3D Slicer's MONAILabel module does (written for the tests).
 
-It reproduces what matters on the wire, from the facts in ENVIRONMENT.md "MONAI Label protocol":
+It reproduces what matters on the wire, from the facts in ``docs/server.md``, "MONAI Label protocol":
 
 * plain ``http.client`` connections, one per call;
 * multipart bodies with the fixed boundary ``----------lImIt_of_THE_fIle_eW_$``: a ``params`` field (a JSON string
