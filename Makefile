@@ -4,6 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medseg-installed
+# Type-checked packages (settings in pyproject.toml, [tool.mypy]).
+MYPY := $(BIN)/mypy medseg/core medseg/io medseg/inference server
 
 .PHONY: install demo test test-all lint format clean
 
@@ -21,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(MYPY)
 	$(BIN)/pytest -m "not slow"
 
 test-all: $(STAMP)
@@ -29,10 +32,11 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MYPY)
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -27,9 +27,9 @@ from medseg.core.config import load_config
 from medseg.data import load_manifest, split_cases
 from medseg.data.demo_brain import LABEL_NAMES, write_demo_dataset
 from medseg.inference import Predictor
+from medseg.inference.rundir import RunDir
 from medseg.models import count_parameters, create_model, get_card
 from medseg.training import Trainer
-from medseg.inference.rundir import RunDir
 from pipelines.predict import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,9 +37,9 @@ def measure_one(name: str, minutes: float, work: Path, train: bool) -> dict:
     from medseg.data import load_manifest, split_cases
     from medseg.data.demo_brain import LABEL_NAMES
     from medseg.inference import Predictor
+    from medseg.inference.rundir import RunDir
     from medseg.models import count_parameters, create_model, get_card
     from medseg.training import Trainer
-    from medseg.inference.rundir import RunDir
     from pipelines.predict import evaluate
 
     card = get_card(name)

@@ -78,7 +78,9 @@ def floor_of(module: str) -> int:
     if len(parts) == 1 or parts[1] == "api":
         return FACADE_FLOOR
     if parts[1] not in FLOORS:
-        raise AssertionError(f"{module}: package {parts[1]!r} has no floor in FLOORS (add it, see docs/architecture.md)")
+        raise AssertionError(
+            f"{module}: package {parts[1]!r} has no floor in FLOORS (add it, see docs/architecture.md)"
+        )
     return FLOORS[parts[1]]
 
 

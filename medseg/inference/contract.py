@@ -68,7 +68,7 @@ class SegmentationPredictor(ABC):
         given = prompts is not None and bool(prompts.objects)
         if self.needs_prompts and not given:
             raise ModelInputError(
-                f"model {self.card.name!r} is prompted and needs a box and/or points", expected=PROMPT_USAGE
+                f"model {self.card.name!r} is prompted and needs a box and/or points", hint=PROMPT_USAGE
             )
         if not self.needs_prompts and prompts is not None:
             raise ModelInputError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class Predictor(SegmentationPredictor):
     """
 
     def __init__(self, model: nn.Module, config: ExperimentConfig, device: str = "auto") -> None:
-        self.card: ModelCard = model.card  # type: ignore[attr-defined]
+        self.card = cast(ModelCard, model.card)  # create_model attaches the card to the module
         self.config = config
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -98,6 +99,6 @@ def to_input_grid(probs: MetaTensor, original: MetaTensor) -> torch.Tensor:
     dst = np.asarray(original.affine, dtype=np.float64)
     if probs.shape[1:] == original.shape[1:] and np.allclose(src, dst, atol=1e-6):
         return torch.as_tensor(probs)
-    resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float64)
+    resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=np.float64)
     out = resampler(probs, dst_affine=torch.as_tensor(dst), spatial_size=tuple(original.shape[1:]))
     return torch.as_tensor(out).float()

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.data import MetaTensor
@@ -82,7 +82,7 @@ class PromptPredictor(SegmentationPredictor):
     def __init__(self, model: nn.Module, config: ExperimentConfig, device: str = "auto", slice_batch: int = 4) -> None:
         if slice_batch < 1:
             raise ConfigError(f"slice_batch={slice_batch}", expected="an integer >= 1")
-        self.card: ModelCard = model.card  # type: ignore[attr-defined]
+        self.card = cast(ModelCard, model.card)  # create_model attaches the card to the module
         self.config = config
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -100,6 +100,16 @@ class PromptPredictor(SegmentationPredictor):
                 f"{image_name(image)} has shape {tuple(image.shape)} but model {self.card.name!r} takes grey or RGB",
                 expected="(C, X, Y, Z) with C = 1 (grey) or 3 (RGB)",
             )
+
+    def check_input(self, image: MetaTensor, prompts: Prompts | None = None) -> None:
+        """Prompts given, a grey or RGB image, and every prompt inside it.
+
+        Raises:
+            ModelInputError: in this model's words (a prompt outside the image names the bounds).
+        """
+        super().check_input(image, prompts)
+        if prompts is not None:
+            prompts.to_voxel(image.affine, tuple(int(s) for s in image.shape[1:]))
 
     def predict(
         self,
@@ -170,9 +180,9 @@ class PromptPredictor(SegmentationPredictor):
                     p = slice_to_volume(p)
                     if fg is not None:
                         fg[job.k, :, :, job.z] = p
-                    b, i = best[:, :, job.z], index[:, :, job.z]
-                    wins = (p > b) | ((p == b) & (job.k < i))  # ties go to the lower label value
-                    b[wins], i[wins] = p[wins], job.k
+                    top, top_k = best[:, :, job.z], index[:, :, job.z]
+                    wins = (p > top) | ((p == top) & (job.k < top_k))  # ties go to the lower label value
+                    top[wins], top_k[wins] = p[wins], job.k
         elapsed = time.perf_counter() - start
         logger.debug(
             "%s: %d slice prompts in %.2f s (%.1f slices/s)",
@@ -194,7 +204,9 @@ class PromptPredictor(SegmentationPredictor):
         x = torch.stack([prepared[job.z][0] for job in batch]).to(self.device)
         kwargs: dict[str, Any] = {"boxes": None, "points": None}
         if batch[0].box is not None:
-            kwargs["boxes"] = torch.stack([frame.box_to_model(job.box) for job in batch]).to(self.device)
+            # A batch shares one prompt layout (``_Job.key``): every job of it has a box.
+            boxes = [frame.box_to_model(job.box) for job in batch if job.box is not None]
+            kwargs["boxes"] = torch.stack(boxes).to(self.device)
         if batch[0].points:
             coords = torch.stack([frame.points_to_model(job.points) for job in batch]).to(self.device)
             labels = torch.tensor([job.labels for job in batch], dtype=torch.int64, device=self.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from monai.data import MetaTensor
@@ -74,13 +75,17 @@ def sliding_window_probs(model: nn.Module, image: torch.Tensor, settings: Window
     total: torch.Tensor | None = None
     for dims in flips:
         x = torch.flip(image, dims) if dims else image
-        logits = sliding_window_inference(
-            x,
-            roi_size=settings.roi_size,
-            sw_batch_size=settings.sw_batch_size,
-            predictor=model,
-            overlap=settings.overlap,
-            mode=settings.blend,
+        # The forward contract: in eval mode a network returns one logits tensor (no tuple or dict of outputs).
+        logits = cast(
+            torch.Tensor,
+            sliding_window_inference(
+                x,
+                roi_size=settings.roi_size,
+                sw_batch_size=settings.sw_batch_size,
+                predictor=model,
+                overlap=settings.overlap,
+                mode=settings.blend,
+            ),
         )
         probs = torch.softmax(plain(logits).float(), dim=1)
         probs = torch.flip(probs, dims) if dims else probs

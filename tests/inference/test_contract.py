@@ -95,6 +95,8 @@ def test_a_prompted_model_requires_prompts(prompted_run: Path) -> None:
         with pytest.raises(ModelInputError, match="'sam_unet_r34' is prompted and needs a box.*--box x0,y0,x1,y1"):
             predictor.check_input(image, prompts)
     predictor.check_input(image, Prompts.from_cli(["1,1,5,5,0,1"], []))
+    with pytest.raises(ModelInputError, match="outside the image"):
+        predictor.check_input(image, Prompts.from_cli(["1,1,5,5,0,9"], []))
     with pytest.raises(ModelInputError, match="grey or RGB"):
         predictor.check_input(MetaTensor(torch.rand(2, 24, 24, 2)), Prompts.from_cli(["1,1,5,5,0,1"], []))
 

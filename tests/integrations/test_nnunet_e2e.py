@@ -90,7 +90,7 @@ def test_predictor_matches_nnunet_validation_on_the_input_grid(
     nrrd = predictor.predict(save_image(image, tmp_path / f"{case}.nrrd"), tta=False)
     np.testing.assert_array_equal(nrrd.mask.numpy(), nifti.mask.numpy())
     np.testing.assert_allclose(np.asarray(nrrd.mask.affine), np.asarray(image.affine), atol=1e-6)
-    with pytest.raises(ModelInputError, match="takes 1 channel"):
+    with pytest.raises(ModelInputError, match="2 channel.* takes 1; expected \\(C=1, X, Y, Z\\)"):
         predictor.predict(MetaTensor(torch.cat([image.as_tensor()] * 2), affine=image.affine))
 
 

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medseg.training.rundir import RunDir, load_checkpoint
+from medseg.inference.rundir import RunDir, load_checkpoint
 from tests.helpers import run_cli, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.training.rundir import RunDir, load_checkpoint
+from medseg.inference.rundir import RunDir, load_checkpoint
 from tests.helpers import make_case, run_cli, tiny_affine
 
 

@@ -342,7 +342,7 @@ def _card(root, plans_manager, configuration_manager, label_manager, dataset_jso
         roi_size=tuple(int(v) for v in _medseg_axes(configuration_manager.patch_size, transpose)),
         divisible_by=tuple(int(v) for v in divisible),
         target_spacing=tuple(float(v) for v in _medseg_axes(configuration_manager.spacing, transpose)),
-        intensity_preset="ct" if any("CT" in s for s in schemes) else "mri",
+        intensity_preset="ct" if any("CT" in s for s in schemes) else "zscore",
         label_names=names,
         reference_params=sum(p.numel() for p in network.parameters()),
         reference_config={"results_folder": str(root), "dataset": plans_manager.dataset_name},

@@ -1,4 +1,4 @@
-"""Make ``nnunetv2`` importable next to the CPU build of PyTorch (ENVIRONMENT.md, "torchvision").
+"""Make ``nnunetv2`` importable next to the CPU build of PyTorch (``docs/environment.md``, "torchvision").
 
 nnunetv2 → dynamic-network-architectures (Primus) → timm → torchvision. The PyPI torchvision wheel is built
 against CUDA torch; with the CPU torch its ``_C`` extension never loads, so none of its ``torchvision::*`` operators

@@ -1,6 +1,6 @@
 """STU-Net trainers for nnU-Net v2 (2.8.x), building :class:`medseg.models.stunet.STUNet` from the plans.
 
-The trainer family follows the official STU-Net v2.2 trainers (MODELS.md §7.4): ``STUNetTrainer`` (= base),
+The trainer family follows the official STU-Net v2.2 trainers (``docs/models/stunet.md``): ``STUNetTrainer`` (= base),
 ``STUNetTrainer_small|base|large|huge`` with nnU-Net's initial learning rate 1e-2, and ``STUNetTrainer_*_ft`` with
 1e-3 for fine-tuning; everything else (1000 epochs x 250 iterations, SGD + Nesterov, PolyLR, Dice + CE with deep
 supervision, nnU-Net augmentation) is nnU-Net's. ``STUNetTrainer_tiny`` (widths 4..64) exists for smoke tests and
