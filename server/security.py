@@ -11,7 +11,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from server.errors import ApiError
 from server.settings import Settings
@@ -56,7 +57,17 @@ def _presented_credential(request: Request) -> str | None:
     return None
 
 
-async def require_auth(request: Request) -> None:
+# Declared so that the OpenAPI document names both ways of authenticating (clients and schema-driven tools read it);
+# the credential itself is read from the headers below, in one place, whichever way it came.
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from the server settings")
+_BEARER = HTTPBearer(auto_error=False, description="an API key, or a token from POST /auth/token")
+
+
+async def require_auth(
+    request: Request,
+    _key: str | None = Security(_API_KEY),
+    _bearer: HTTPAuthorizationCredentials | None = Security(_BEARER),
+) -> None:
     """FastAPI dependency: 401 unless auth is disabled or a valid key / token is presented."""
     settings: Settings = request.app.state.settings
     if not settings.auth_enabled:

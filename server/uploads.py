@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medseg.core.errors import MedsegError
-from medseg.io import VoxelLimitError, ZipLimits, load_image, read_header, safe_extract_zip
+from medseg.io import VoxelLimitError, ZipLimits, load_image, safe_extract_zip
 from server.errors import ApiError
 from server.settings import Settings
 
@@ -183,7 +183,7 @@ def open_image(upload: Upload, settings: Settings) -> MetaTensor:
         if upload.is_dicom and upload.folder is None:
             limits = ZipLimits(max_members=settings.zip_max_members, max_total_bytes=settings.zip_max_total_bytes)
             upload.folder = safe_extract_zip(upload.file, upload.workdir, limits)
-        read_header(upload.path, max_voxels=settings.max_voxels)  # every header claim; never external data
+        # load_image checks every header claim (read_header) before decoding; never with external data
         image = load_image(upload.path, max_voxels=settings.max_voxels)
     except VoxelLimitError as err:
         check_voxels(err.voxels, settings, upload.filename)

@@ -8,9 +8,6 @@ the token flow), one with auth off and a small voxel cap. Both serve the tiny tr
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import uvicorn
 
-from server.app import create_app
 from server.datastore import check_id, store_suffix
 from server.errors import ApiError
 from server.models import ModelStore
-from server.settings import Settings, load_settings
+from server.settings import load_settings
+from tests.server.live import live_server
 from tests.server.slicer_client import SlicerClient, SlicerClientError, parse_with_cgi
 
 pytestmark = pytest.mark.integration
@@ -38,33 +34,6 @@ MAX_VOXELS = 200_000
 class Server:
     url: str
     data_dir: Path
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-def _start(settings: Settings, models: ModelStore) -> Server:
-    """uvicorn serving ``create_app(settings, models)`` on a free 127.0.0.1 port, in a thread of this process.
-
-    In-process keeps the start cheap (no second import of torch/MONAI); the HTTP framing is still uvicorn's own.
-    """
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    config = uvicorn.Config(create_app(settings, models=models), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail(f"uvicorn on port {port} did not start")
-        time.sleep(0.05)
-    return Server(f"http://127.0.0.1:{port}", settings.data_dir, server, thread)
-
-
-def _stop(server: Server) -> None:
-    server.server.should_exit = True
-    server.thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +46,8 @@ def servers(
         data_dir=root / "auth", users={USER: PASSWORD}, api_keys=["unused-key"], auth_enabled=True, **common
     )
     open_ = load_settings(data_dir=root / "open", auth_enabled=False, max_voxels=MAX_VOXELS, **common)
-    started: dict[str, Server] = {}
-    try:
-        started["auth"] = _start(auth, tiny_models)
-        started["open"] = _start(open_, tiny_models)
-        yield started
-    finally:
-        for server in started.values():
-            _stop(server)
+    with live_server(auth, tiny_models) as a, live_server(open_, tiny_models) as o:
+        yield {"auth": Server(a.url, auth.data_dir), "open": Server(o.url, open_.data_dir)}
 
 
 @pytest.fixture()

@@ -3,7 +3,8 @@
 A bounded, reproducible run: every operation gets :data:`EXAMPLES` positive and :data:`EXAMPLES` negative
 (schema-violating) requests from a derandomized Hypothesis (no database, no deadline, no shrinking); operations with
 a model name in their path get the same again with the served model's name, so the upload routes are reached too.
-Checks: not a server error, status code / content type / headers / body conform to the schema.
+Checks: not a server error, status code / content type / headers / body conform to the schema. A second test sends
+every operation that declares the API key / bearer schemes without credentials: each must answer 401.
 """
 
 from __future__ import annotations
@@ -104,3 +105,23 @@ def test_openapi_schema_holds_for_fuzzed_requests(live: Live) -> None:
     assert not failures, "\n\n".join(failures)
     assert not [s for s in statuses if s >= 500], statuses
     assert any(400 <= s < 500 for s in statuses) and statuses[200] > 0, statuses
+
+
+def test_every_operation_that_declares_auth_refuses_requests_without_it(live: Live) -> None:
+    import re
+
+    import httpx
+
+    document = httpx.get(f"{live.url}/openapi.json", timeout=30).json()
+    assert set(document["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+    secured, open_ = [], []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            (secured if operation.get("security") else open_).append((method.upper(), path))
+    assert len(secured) >= 12, secured
+    assert {p for _, p in open_} <= {"/healthz", "/readyz", "/auth/", "/auth/token"}, open_
+    for method, path in secured:
+        url = live.url + re.sub(r"\{[^}]+\}", "tiny", path)
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, url, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"] == "Unauthorized", (method, path, headers, r.text)
