@@ -9,12 +9,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from medseg.inference.prompts import Prompts
 
 app = typer.Typer(
     name="medseg",
@@ -126,28 +129,36 @@ def predict(
             help="Read detached headers (.nhdr, .mhd, .hdr/.img) whose data file sits in the header's folder.",
         ),
     ] = False,
+    num_parts: Annotated[
+        int, typer.Option("--num-parts", help="Split the cases into this many parts (one per process or node).")
+    ] = 1,
+    part_id: Annotated[int, typer.Option("--part-id", help="The part this process predicts, 0 .. num-parts - 1.")] = 0,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Skip cases whose mask and statistics are already in --out.")
+    ] = False,
 ) -> None:
     """Segment images; masks land on each input's exact voxel grid. Prompted models (db_sam, sam_unet_*) need
-    --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans."""
+    --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans. A folder of image
+    files stands for its cases; --num-parts/--part-id split them (sorted by name, every N-th case) across processes."""
+    from pipelines.predict import PredictSettings
     from pipelines.predict import predict as run_predict
 
-    prompts = _cli_prompts(box or [], point or [], coords)
-    cases = run_predict(
-        run,
-        inputs,
-        out,
+    settings = PredictSettings(
         tta=tta,
         fmt=fmt,
-        show_progress=not no_progress,
-        prompts=prompts,
+        prompts=_cli_prompts(box or [], point or [], coords),
         allow_external_data=allow_external_data,
+        num_parts=num_parts,
+        part_id=part_id,
+        skip_existing=skip_existing,
     )
+    cases = run_predict(run, inputs, out, settings, show_progress=not no_progress)
     for case in cases:
         vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
         console.print(f"{case.input} → {case.mask}  ({vols})")
 
 
-def _cli_prompts(boxes: list[str], points: list[str], coords: str) -> object | None:
+def _cli_prompts(boxes: list[str], points: list[str], coords: str) -> Prompts | None:
     """``Prompts`` from ``--box`` / ``--point`` options, or ``None`` when none was given."""
     if not boxes and not points:
         return None

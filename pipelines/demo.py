@@ -18,7 +18,8 @@ from medseg.core.errors import ConfigError
 from medseg.data.demo_brain import write_demo_dataset
 from medseg.inference.overlay import save_overlay
 from medseg.io import load_image
-from pipelines.predict import case_name, evaluate, predict
+from pipelines.batch import case_name
+from pipelines.predict import evaluate, predict
 from pipelines.train import TrainRequest, train
 
 logger = logging.getLogger(__name__)

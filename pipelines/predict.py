@@ -16,7 +16,7 @@ from rich.progress import track
 from medseg import open_predictor
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import DataError
-from medseg.data import load_manifest, strip_image_extension
+from medseg.data import load_manifest
 from medseg.data.labels import resolve_label_names
 from medseg.inference.contract import SegmentationPredictor
 from medseg.inference.prompts import Box, PromptObject, Prompts
@@ -25,6 +25,7 @@ from medseg.io.geometry import spacing_from_affine
 from medseg.training.metrics import case_metrics, summarize
 from medseg.transforms.io import LoadImage
 from medseg.transforms.sam import box_from_mask, box_rule_of, volume_slice
+from pipelines.batch import case_name, list_cases, shard
 
 logger = logging.getLogger(__name__)
 
@@ -40,47 +41,70 @@ class PredictedCase:
     stats: dict[str, Any]
 
 
-def case_name(path: Path) -> str:
-    """File or folder name without image extensions (``a.nii.gz`` → ``a``)."""
-    name = path.name
-    if name.lower().endswith(".zip"):
-        return name[: -len(".zip")]
-    return strip_image_extension(name) or name
+@dataclass(frozen=True)
+class PredictSettings:
+    """How ``medseg predict`` runs a batch.
+
+    Attributes:
+        tta: override the model's test-time augmentation default (``None`` keeps it).
+        fmt: output format, a key of :data:`SUFFIXES`.
+        prompts: boxes / points, required by prompted models and refused by the others.
+        allow_external_data: read detached headers (``.nhdr``, ``.mhd``) whose data file lies in the header's folder.
+        num_parts: split the cases into this many parts (see :mod:`pipelines.batch`).
+        part_id: the part this process predicts, ``0 .. num_parts - 1``.
+        skip_existing: leave a case alone when its mask and statistics are already in the output folder.
+    """
+
+    tta: bool | None = None
+    fmt: str = "nifti"
+    prompts: Prompts | None = None
+    allow_external_data: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    skip_existing: bool = False
 
 
 def predict(
     run: Path,
     inputs: list[Path],
     out: Path,
+    settings: PredictSettings | None = None,
     *,
-    tta: bool | None = None,
-    fmt: str = "nifti",
     predictor: SegmentationPredictor | None = None,
     show_progress: bool = False,
-    prompts: Prompts | None = None,
-    allow_external_data: bool = False,
 ) -> list[PredictedCase]:
-    """Segment every input; write ``<out>/<case>_seg.<ext>`` and ``<case>_seg.json`` (label statistics).
+    """Segment every case of ``inputs`` (or this process's part of them); write ``<out>/<case>_seg.<ext>`` and then
+    ``<case>_seg.json`` (label statistics), each atomically.
 
-    ``prompts`` (boxes / points) are required by prompted models and refused by the others (checked once, before the
-    first image is read, by the predictor itself). ``allow_external_data`` reads detached headers (``.nhdr``,
-    ``.mhd``) whose data file lies in the header's folder.
+    Prompts are checked once, before the first image is read, by the predictor itself. A folder of image files stands
+    for its cases (:func:`pipelines.batch.list_cases`).
+
+    Returns:
+        The cases written by this call (skipped cases are not listed).
     """
-    if fmt not in SUFFIXES:
-        raise DataError(f"unknown output format {fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
+    s = settings or PredictSettings()
+    if s.fmt not in SUFFIXES:
+        raise DataError(f"unknown output format {s.fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
+    cases = shard(list_cases(inputs), s.num_parts, s.part_id)
     predictor = predictor or open_predictor(run)
-    predictor.check_prompts(prompts)
+    predictor.check_prompts(s.prompts)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in _track(inputs, "predicting", show_progress):
-        image = load_image(path, allow_external_data=allow_external_data)
-        result = predictor.predict(image, tta=tta, prompts=prompts)
-        mask_path = save_mask(result.mask, result.image, out / f"{case_name(path)}_seg{SUFFIXES[fmt]}")
+    for path in _track(cases, "predicting", show_progress):
+        mask_target, stats_target = out / f"{case_name(path)}_seg{SUFFIXES[s.fmt]}", out / f"{case_name(path)}_seg.json"
+        if s.skip_existing and mask_target.is_file() and stats_target.is_file():
+            logger.info("%s: outputs exist, skipped", path)
+            continue
+        image = load_image(path, allow_external_data=s.allow_external_data)
+        result = predictor.predict(image, tta=s.tta, prompts=s.prompts)
+        mask_path = save_mask(result.mask, result.image, mask_target)
         stats = result.stats_dict()
-        with atomic_open(out / f"{case_name(path)}_seg.json") as fh:
+        with atomic_open(stats_target) as fh:  # written last: its presence means the case is complete
             json.dump(stats, fh, indent=2)
         logger.info("%s → %s", path, mask_path)
         written.append(PredictedCase(path, mask_path, stats))
+    if s.num_parts > 1:
+        logger.info("part %d of %d: %d case(s) written", s.part_id, s.num_parts, len(written))
     return written
 
 
