@@ -91,21 +91,31 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in _track(cases, "predicting", show_progress):
-        mask_target, stats_target = out / f"{case_name(path)}_seg{SUFFIXES[s.fmt]}", out / f"{case_name(path)}_seg.json"
-        if s.skip_existing and mask_target.is_file() and stats_target.is_file():
-            logger.info("%s: outputs exist, skipped", path)
-            continue
-        image = load_image(path, allow_external_data=s.allow_external_data)
-        result = predictor.predict(image, tta=s.tta, prompts=s.prompts)
-        mask_path = save_mask(result.mask, result.image, mask_target)
-        stats = result.stats_dict()
-        with atomic_open(stats_target) as fh:  # written last: its presence means the case is complete
-            json.dump(stats, fh, indent=2)
-        logger.info("%s → %s", path, mask_path)
-        written.append(PredictedCase(path, mask_path, stats))
+        case = predict_case(predictor, path, out, s)
+        if case is not None:
+            written.append(case)
     if s.num_parts > 1:
         logger.info("part %d of %d: %d case(s) written", s.part_id, s.num_parts, len(written))
     return written
+
+
+def predict_case(
+    predictor: SegmentationPredictor, path: Path, out: Path, settings: PredictSettings
+) -> PredictedCase | None:
+    """Predict one case into ``out``: the mask, then its statistics (each atomic). ``None`` when skipped."""
+    mask_target = out / f"{case_name(path)}_seg{SUFFIXES[settings.fmt]}"
+    stats_target = out / f"{case_name(path)}_seg.json"
+    if settings.skip_existing and mask_target.is_file() and stats_target.is_file():
+        logger.info("%s: outputs exist, skipped", path)
+        return None
+    image = load_image(path, allow_external_data=settings.allow_external_data)
+    result = predictor.predict(image, tta=settings.tta, prompts=settings.prompts)
+    mask_path = save_mask(result.mask, result.image, mask_target)
+    stats = result.stats_dict()
+    with atomic_open(stats_target) as fh:  # written last: its presence means the case is complete
+        json.dump(stats, fh, indent=2)
+    logger.info("%s → %s", path, mask_path)
+    return PredictedCase(path, mask_path, stats)
 
 
 def evaluate(

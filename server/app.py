@@ -8,6 +8,9 @@ Routes (all JSON errors are ``{error, detail, hint, request_id}``):
 * ``POST /v1/dicomweb/segment`` — :mod:`server.routes.dicomweb`
 * MONAI Label protocol for 3D Slicer (``/info/``, ``/infer/{model}``, ``/datastore/``, ``/auth/``) —
   :mod:`server.routes.monailabel`
+* ``GET /docs`` (Swagger UI), ``GET /redoc`` (ReDoc), ``GET /openapi.json`` — public, and working without internet:
+  the pages' scripts, styles and favicon are served from the installed ``fastapi-offline`` package under
+  ``/static-offline-docs/`` instead of a public CDN (a hospital network usually has no internet access)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 import medseg
 from server.errors import ApiError, error_body, install_error_handlers
@@ -52,11 +56,14 @@ def create_app(settings: Settings | None = None, models: ModelStore | None = Non
         finally:
             app.state.jobs.stop()
 
-    app = FastAPI(
+    # FastAPIOffline is FastAPI with /docs and /redoc rebuilt on local copies of Swagger UI, ReDoc and the favicon
+    # (no CDN, no Google Fonts). Swagger UI's online validator is turned off too: nothing on the page points outside.
+    app = FastAPIOffline(
         title="medseg",
         version=medseg.__version__,
         description="Medical image segmentation service: REST, jobs, DICOMweb, MONAI Label protocol.",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.tokens = TokenStore(settings.token_ttl_s)
