@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -46,7 +47,7 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     _state["debug"] = debug
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    level = logging.DEBUG if debug else logging.WARNING if quiet or _torchrun_rank() > 0 else logging.INFO
     handler = RichHandler(console=err_console, show_path=debug, show_time=False, markup=False)
     for name in ("medseg", "pipelines"):
         lg = logging.getLogger(name)
@@ -81,8 +82,19 @@ def train(
             "ImageNet ResNet file).",
         ),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train data-parallel on this many processes of this machine (torchrun; one GPU each on CUDA, "
+            "gloo on CPU). train.batch_size stays the global batch.",
+        ),
+    ] = 1,
 ) -> None:
     """Train a model on a dataset folder into a run directory (prompted SAM models train on box prompts)."""
+    if nproc > 1:
+        raise typer.Exit(_launch_torchrun(nproc))
     from pipelines.train import TrainRequest
     from pipelines.train import train as run_train
 
@@ -90,11 +102,39 @@ def train(
         model = "segformer3d"
     request = TrainRequest(data, model, config, epochs, out, resume, not no_progress, tuple(pretrained or ()))
     result = run_train(request)
+    if _torchrun_rank() > 0:  # rank 0 reports for all
+        return
     best = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f} (epoch {result.best_epoch})"
     console.print(
         f"trained {result.epochs} epochs / {result.steps} steps in {result.seconds:.0f} s; best val mean Dice {best}"
     )
     console.print(f"run directory: {result.run_dir}")
+
+
+def _torchrun_rank() -> int:
+    """This process's rank when launched by torchrun (0 otherwise): the other ranks log only warnings."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
+    """Run this command line again under ``torchrun --standalone --nproc-per-node nproc``, without ``--nproc``;
+    returns torchrun's exit status (non-zero when any rank failed: torchrun then stops the others)."""
+    import subprocess
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "pipelines.cli", *kept]
+    logging.getLogger("pipelines").info("launching %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode  # noqa: S603 - our own interpreter and module
 
 
 @app.command()
@@ -136,6 +176,13 @@ def predict(
     skip_existing: Annotated[
         bool, typer.Option("--skip-existing", help="Skip cases whose mask and statistics are already in --out.")
     ] = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Run the cases on Ray (one predictor per worker; needs medseg[ray]).")
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="A running Ray cluster; default: a local instance.")
+    ] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", help="Predictor workers (one CPU each).")] = 2,
 ) -> None:
     """Segment images; masks land on each input's exact voxel grid. Prompted models (db_sam, sam_unet_*) need
     --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans. A folder of image
@@ -152,6 +199,21 @@ def predict(
         part_id=part_id,
         skip_existing=skip_existing,
     )
+    if ray or ray_address:
+        from pipelines.ray_predict import predict_with_ray
+
+        report = predict_with_ray(
+            run, inputs, out, settings, address=ray_address, workers=ray_workers, show_progress=not no_progress
+        )
+        console.print(
+            f"{len(report.written)} written, {len(report.skipped)} skipped, {len(report.failed)} failed "
+            f"in {report.seconds:.0f} s; report: {out / 'batch_report.json'}"
+        )
+        for path, error in report.failed.items():
+            console.print(f"[red]failed[/red] {path}: {error}", markup=True, highlight=False)
+        if report.failed:
+            raise typer.Exit(1)
+        return
     cases = run_predict(run, inputs, out, settings, show_progress=not no_progress)
     for case in cases:
         vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
@@ -203,6 +265,32 @@ def metrics_table(report: dict) -> Table:
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+@app.command()
+def plan(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MSD, nnU-Net raw, or images/ + labels/).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Dense model name (see `medseg models`).")],
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto: where memory is probed.")] = "cpu",
+    memory_gib: Annotated[
+        float | None, typer.Option("--memory-gib", min=0.01, help="Memory budget of one training step (GiB).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="plan.json path (default DATA/plan.json).")] = None,
+) -> None:
+    """Fingerprint a dataset and plan training of a model on it: spacing, normalisation, patch, batch."""
+    from pipelines.plan import PlanRequest
+    from pipelines.plan import plan as run_plan
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise typer.BadParameter(f"--device {device!r}: expected cpu, cuda or auto")
+    result, path = run_plan(PlanRequest(data, model, device, memory_gib, out))
+    table = Table(title=f"plan for {result.model} on {result.dataset}")
+    table.add_column("setting", no_wrap=True)
+    table.add_column("value")
+    for key, value in result.rows():
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"plan: {path}")
 
 
 @app.command("verify-data")

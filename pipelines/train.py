@@ -4,10 +4,20 @@
 with that file (each conflict is named in one ``ConfigError``); only the number of epochs may change
 (:data:`RESUME_MAY_CHANGE`): ``--epochs`` extends (or shortens) the run, and the LR schedule is then spread over the
 new total from the current step on.
+
+Without ``--config`` a dense model trains with a plan derived from the dataset (:mod:`pipelines.plan`, rules in
+``docs/planning.md``): target spacing, intensity preset, patch and batch size, foreground oversampling; the plan is
+saved as ``plan.json`` in the run directory. With ``--config`` the file's settings are used as they are. Either way a
+CT preset on a dataset declared as another modality is refused unless ``data.force_preset`` is set.
+
+Launched by ``torchrun`` (or ``medseg train --nproc N``) every process runs this function: the process group is set
+up here (:func:`medseg.training.distributed.process_group`), rank 0 plans and the others receive its plan, and only
+rank 0 writes the run directory (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +28,15 @@ from torch import nn
 
 from medseg.core.atomic import atomic_open
 from medseg.core.config import ExperimentConfig, load_config
+from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, DataError
 from medseg.data import Manifest, load_manifest, split_cases, verify_dataset
 from medseg.data.labels import resolve_label_names
 from medseg.models import create_model, get_card
-from medseg.training import RunDir, Trainer, TrainResult
+from medseg.training import RunDir, Trainer, TrainResult, distributed
+from medseg.training.plan import PLAN_FILE, Plan, check_preset_modality
 from medseg.training.prompted import PromptTrainer
+from pipelines.plan import plan_dataset, write_plan
 from pipelines.progress import StepProgress, log_to_file
 
 logger = logging.getLogger(__name__)
@@ -137,6 +150,13 @@ def train(req: TrainRequest) -> TrainResult:
             f"{run_dir.root} already holds a training run",
             hint="add --resume to continue it, or choose another --out",
         )
+    with distributed.process_group(pick_device(cfg.train.device)):
+        return _train_in_group(req, cfg, manifest, run_dir)
+
+
+def _train_in_group(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest, run_dir: RunDir) -> TrainResult:
+    """The part of :func:`train` that runs on every rank once the process group (if any) is up."""
+    main = distributed.is_main()
     problems = verify_dataset(manifest)
     if problems:
         for p in problems:
@@ -147,6 +167,18 @@ def train(req: TrainRequest) -> TrainResult:
         )
     label_names = resolve_label_names(manifest)
     card = get_card(cfg.model.name)
+    plan: Plan | None = None
+    if not card.needs_prompts:
+        if not req.resume and req.config is None:
+            plan = distributed.broadcast(  # one plan for all ranks
+                plan_dataset(manifest, cfg.model.name, device=cfg.train.device, model_kwargs=cfg.model.kwargs)
+                if main
+                else None
+            )
+            cfg = apply_plan(plan, cfg)
+        source = "data.preset" if cfg.data.preset else f"the default of model {cfg.model.name!r}"
+        preset = cfg.data.preset or card.intensity_preset
+        check_preset_modality(preset, manifest.modality, force=cfg.data.force_preset, source=source)
     set_determinism(seed=cfg.train.seed)
     if card.needs_prompts:
         model, cfg = _prompted_model(cfg, manifest)
@@ -155,13 +187,21 @@ def train(req: TrainRequest) -> TrainResult:
     trainer_cls = PromptTrainer if card.needs_prompts else Trainer
     trainer_cls.check_config(cfg, default_preset=card.intensity_preset)  # before anything is written
     train_cases, val_cases = split_cases(manifest.cases, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    with log_to_file(run_dir.log):
+    if main:  # only rank 0 writes the run directory
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+    with log_to_file(run_dir.log) if main else contextlib.nullcontext():
         if not req.resume:
             load_pretrained(model, cfg)
-            run_dir.write_json(run_dir.card, model.card.to_dict())
-        with atomic_open(run_dir.config) as fh:  # on resume: the saved config with the new train.epochs
-            fh.write(cfg.to_yaml())
+        if main:
+            if not req.resume:
+                run_dir.write_json(run_dir.card, model.card.to_dict())
+            with atomic_open(run_dir.config) as fh:  # on resume: the saved config with the new train.epochs
+                fh.write(cfg.to_yaml())
+            if plan is not None:
+                sources = {k: "plan" for k in _PLANNED_KEYS} | {"model.name": "--model"}
+                write_plan(plan, run_dir.root / PLAN_FILE, sources)
+                logger.info("planned from the dataset (%s):\n%s", run_dir.root / PLAN_FILE, plan.table())
+        distributed.barrier()
         logger.info(
             "training %s%s on %s: %d training / %d validation cases, labels %s, roi %s, run dir %s",
             cfg.model.name,
@@ -174,7 +214,7 @@ def train(req: TrainRequest) -> TrainResult:
             run_dir.root,
         )
         cases = [c.as_dict() for c in train_cases], [c.as_dict() for c in val_cases]
-        with StepProgress("training", enabled=req.show_progress) as progress:
+        with StepProgress("training", enabled=req.show_progress and main) as progress:
             if card.needs_prompts:
                 trainer = PromptTrainer(cfg, model, *cases, run_dir.root, label_names, progress=progress.update)
             else:
@@ -183,6 +223,22 @@ def train(req: TrainRequest) -> TrainResult:
                 trainer.resume()
             result = trainer.fit()
     return result
+
+
+#: Config keys a plan sets (``Plan.config_changes``).
+_PLANNED_KEYS = (
+    "data.spacing",
+    "data.preset",
+    "data.intensity",
+    "model.roi_size",
+    "train.batch_size",
+    "train.fg_ratio",
+)
+
+
+def apply_plan(plan: Plan, cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the plan's fields (:data:`_PLANNED_KEYS`) set."""
+    return cfg.updated(plan.config_changes())
 
 
 def _dense_model(

@@ -21,25 +21,58 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ChannelIntensity(_Section):
+    """Foreground intensity numbers of one channel for the ``ct_fingerprint`` preset (from a dataset fingerprint).
+
+    Attributes:
+        low, high: clip window (nnU-Net: the foreground 0.5 and 99.5 percentiles).
+        mean, std: foreground mean and standard deviation the clipped values are z-scored with.
+    """
+
+    low: float
+    high: float
+    mean: float
+    std: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> ChannelIntensity:
+        if not self.low <= self.high:
+            raise ValueError(f"intensity window low {self.low} is above high {self.high}")
+        return self
+
+
 class DataConfig(_Section):
     """Dataset and preprocessing.
 
     Attributes:
         root: dataset folder (MSD, nnU-Net raw or paired layout); ``None`` when given on the command line.
-        preset: intensity preset (``ct``, ``mri``, ``zscore`` = nnU-Net's all-voxel z-score); ``None`` takes the
-            model card's.
+        preset: intensity preset (``ct``, ``mri``, ``zscore`` = nnU-Net's all-voxel z-score, ``ct_fingerprint`` =
+            nnU-Net's CT scheme with the numbers of ``intensity``); ``None`` takes the model card's.
         spacing: target voxel spacing in mm; ``None`` keeps each image's own spacing.
         ct_window: HU window ``[low, high]`` clipped and scaled to [0, 1] by the CT preset.
         val_fraction: share of training cases held out for validation.
         crop_foreground: crop images to the non-zero box before patch sampling (MRI skull-stripped data).
+        intensity: one :class:`ChannelIntensity` per input channel, read by the ``ct_fingerprint`` preset only
+            (``medseg plan`` fills it from the dataset's foreground statistics).
+        force_preset: accept a ``preset`` that contradicts the dataset's declared modality (e.g. ``ct`` on MRI).
     """
 
     root: Path | None = None
-    preset: Literal["ct", "mri", "zscore"] | None = None
+    preset: Literal["ct", "mri", "zscore", "ct_fingerprint"] | None = None
     spacing: tuple[float, float, float] | None = None
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     crop_foreground: bool = False
+    intensity: tuple[ChannelIntensity, ...] = ()
+    force_preset: bool = False
+
+    @model_validator(mode="after")
+    def _intensity_for_preset(self) -> DataConfig:
+        if self.preset == "ct_fingerprint" and not self.intensity:
+            raise ValueError("preset ct_fingerprint needs data.intensity (low, high, mean, std per channel)")
+        if self.intensity and self.preset != "ct_fingerprint":
+            raise ValueError(f"data.intensity is read by the ct_fingerprint preset only, the preset is {self.preset!r}")
+        return self
 
     @field_validator("spacing")
     @classmethod

@@ -10,6 +10,11 @@ runs with the same seed draw the same, and a run resumed from ``last.pt`` (writt
 from its next epoch on, exactly what an uninterrupted run drew; no RNG state needs to travel in the checkpoint.
 Draws do depend on ``num_workers`` (each worker has its own stream). Bitwise-equal weights on CUDA also need
 deterministic kernels (``torch.use_deterministic_algorithms``), which this module does not switch on.
+
+Under ``torchrun`` (:mod:`medseg.training.distributed`) the same code trains data-parallel: ``train.batch_size`` is
+the global batch, each rank takes its slice of every global batch of the epoch's sampler and seeds its augmentation
+and dropout streams from ``(seed, epoch, rank)``, DDP all-reduces the gradients, validation cases are shared out and
+their scores gathered, and only rank 0 writes the run directory. In a single process nothing of this applies.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
 from medseg.inference.rundir import RunDir, load_checkpoint, save_checkpoint
 from medseg.inference.sliding import WindowSettings, plain, sliding_window_probs
+from medseg.training import distributed
 from medseg.training.curves import plot_curves
 from medseg.training.losses import build_loss
 from medseg.training.metrics import dice_per_label
-from medseg.transforms.presets import preprocessing_for, training_transforms
+from medseg.transforms.presets import preprocessing_for, training_transforms_for
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +175,8 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # frozen encoders stay out
         self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.total_steps = t.epochs * t.iters_per_epoch
+        self.batch_per_rank = distributed.per_rank_batch(t.batch_size)  # train.batch_size is the global batch
+        self._ddp: nn.Module | None = None
         self.schedule, factor = lr_schedule(config, model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.use_amp = t.amp and self.device.type == "cuda"
@@ -205,17 +213,9 @@ class Trainer:
         """Training dataset (random patches, foreground-oversampled) and validation dataset (whole images)."""
         t, d = self.cfg.train, self.cfg.data
         self.window = dataclasses.replace(WindowSettings.from_config(self.cfg, self.card), tta=False)
-        preset = d.preset or self.card.intensity_preset
         train_ds = CacheDataset(
             train_cases,
-            transform=training_transforms(
-                preset,
-                d.spacing,
-                self.window.roi_size,
-                t.fg_ratio,
-                ct_window=d.ct_window,
-                crop_foreground=d.crop_foreground,
-            ),
+            transform=training_transforms_for(d, self.card.intensity_preset, self.window.roi_size, t.fg_ratio),
             progress=False,
         )
         val_ds = CacheDataset(
@@ -261,7 +261,10 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
-        self.run.write_metrics([r for r in self.run.read_metrics() if r["epoch"] <= self.epoch])
+        kept = [r for r in self.run.read_metrics() if r["epoch"] <= self.epoch]
+        distributed.barrier()  # every rank has read metrics.jsonl before rank 0 rewrites it
+        if distributed.is_main():
+            self.run.write_metrics(kept)
         logger.info("resumed %s at epoch %d, step %d", self.run.root, self.epoch, self.step)
 
     # ----------------------------------------------------------------------------------------------- loop
@@ -270,9 +273,11 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         records = self.run.read_metrics()
+        if distributed.is_distributed() and self._ddp is None:  # after resume(): rank 0's weights go to every rank
+            self._ddp = distributed.wrap_ddp(self.model, self.batch_loss, self.device)
         while self.epoch < t.epochs:
             epoch_start = time.perf_counter()
-            loss = self._train_epoch()
+            loss = distributed.mean_over_ranks(self._train_epoch())
             self.epoch += 1
             record: dict[str, Any] = {
                 "epoch": self.epoch,
@@ -283,16 +288,20 @@ class Trainer:
             if len(self.val_ds) and (self.epoch % t.val_every == 0 or self.epoch == t.epochs):
                 record.update(self.validate())
             record["seconds"] = round(time.perf_counter() - epoch_start, 2)
+            record = distributed.broadcast(record)  # every rank decides on best.pt as rank 0 does
             improved = self._update_best(record)
             records.append(record)
-            self.run.write_metrics(records)
-            save_checkpoint(self.state(), self.run.last)
-            if improved:
-                save_checkpoint(self.state(), self.run.best)
-            plot_curves(records, self.run.curves)
-            logger.info("epoch %d/%d %s", self.epoch, t.epochs, _describe(record))
-        if not self.run.best.exists():  # e.g. resumed a finished run whose best.pt was deleted
+            if distributed.is_main():
+                self.run.write_metrics(records)
+                save_checkpoint(self.state(), self.run.last)
+                if improved:
+                    save_checkpoint(self.state(), self.run.best)
+                plot_curves(records, self.run.curves)
+                logger.info("epoch %d/%d %s", self.epoch, t.epochs, _describe(record))
+            distributed.barrier()  # the epoch's checkpoint is on disk before any rank goes on
+        if distributed.is_main() and not self.run.best.exists():  # e.g. resumed a finished run without best.pt
             save_checkpoint(self.state(), self.run.best)
+        distributed.barrier()
         return TrainResult(
             self.run.root, self.epoch, self.step, self.best_metric, self.best_epoch, time.perf_counter() - start
         )
@@ -313,24 +322,27 @@ class Trainer:
         """This epoch's loader; seeds every random stream of the epoch from ``(train.seed, epoch)``."""
         t = self.cfg.train
         seeds = epoch_seeds(t.seed, self.epoch)
-        torch.manual_seed(seeds.model)  # dropout / DropPath masks (torch's global RNG, CUDA included)
-        sampler = torch.utils.data.RandomSampler(
+        # dropout / DropPath masks (torch's global RNG, CUDA included); per rank under DDP (rank 0: these seeds)
+        torch.manual_seed(distributed.rank_seed(seeds.model, t.seed, self.epoch, 2))
+        sampler: torch.utils.data.Sampler[int] = torch.utils.data.RandomSampler(
             self.train_ds,
             replacement=True,
-            num_samples=t.iters_per_epoch * t.batch_size,
+            num_samples=t.iters_per_epoch * t.batch_size,  # the global batches: the same on every rank
             generator=torch.Generator().manual_seed(seeds.order),
         )
+        if distributed.is_distributed():
+            sampler = distributed.RankSlices(sampler, self.batch_per_rank)
         # MONAI's DataLoader seeds the dataset's random transforms (anything with ``set_random_state``) from this
         # generator: in this process for num_workers=0, else per worker from the worker's seed (worker_init_fn).
         # Without a generator it would draw from, and then rewind, torch's global RNG: the same draws every epoch.
         return DataLoader(
             self.train_ds,
-            batch_size=t.batch_size,
+            batch_size=self.batch_per_rank,
             sampler=sampler,
             num_workers=t.num_workers,
             collate_fn=self.collate,
             drop_last=True,
-            generator=torch.Generator().manual_seed(seeds.augment),
+            generator=torch.Generator().manual_seed(distributed.rank_seed(seeds.augment, t.seed, self.epoch, 1)),
             worker_init_fn=worker_init_fn,
         )
 
@@ -340,7 +352,7 @@ class Trainer:
         losses = []
         for batch in self._loader():
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                loss = self.batch_loss(batch)
+                loss = self._ddp(batch) if self._ddp is not None else self.batch_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower train.lr")
             self.optimizer.zero_grad(set_to_none=True)
@@ -367,18 +379,24 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Sliding-window prediction of every validation case; mean Dice per foreground label."""
+        """Sliding-window prediction of every validation case; mean Dice per foreground label.
+
+        Under DDP each rank predicts every ``W``-th case and the per-case scores are gathered, so every rank
+        reports the Dice of all cases, as one process does.
+        """
         self.model.eval()
         names = self.card.label_names
-        scores = []
-        for item in self.val_ds:
+        scores: dict[int, np.ndarray] = {}
+        for i in distributed.shard(len(self.val_ds)):
+            item = self.val_ds[i]
             image = plain(item[IMAGE])[None].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
                 probs = sliding_window_probs(self.model, image, self.window)
             pred = probs.argmax(1, keepdim=True).cpu()
             label = plain(item[LABEL])[None].long()
-            scores.append(dice_per_label(pred, label, len(names)))
-        per_label = np.nanmean(np.stack(scores), axis=0)
+            scores[i] = dice_per_label(pred, label, len(names))
+        scores = distributed.gather_items(scores)
+        per_label = np.nanmean(np.stack([scores[i] for i in sorted(scores)]), axis=0)
         per_label = np.nan_to_num(per_label, nan=0.0)
         self.model.train()
         return {

@@ -11,6 +11,10 @@ trainer and the predictor use; the predictor maps its output back to the input g
   were trained with: per channel over **all** voxels, ``(x - mean) / max(std, 1e-8)`` (population std). MONAI's
   ``NormalizeIntensity`` differs in the guard (it divides by 1 only when std is exactly 0), so this one transform
   is medseg's own (:class:`ZScoreNormalized`).
+* ``ct_fingerprint``: nnU-Net v2's ``CTNormalization`` with the dataset's numbers, not the image's: per channel, clip
+  to the foreground 0.5 / 99.5 percentiles and z-score with the foreground mean and std, all taken from
+  ``data.intensity`` (``medseg plan`` writes them from the dataset fingerprint, see ``docs/planning.md``), so the
+  predictor applies exactly what training did (:class:`FingerprintCTNormalized`).
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medseg.core.config import DataConfig
+from medseg.core.config import ChannelIntensity, DataConfig
 from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
 from medseg.transforms.io import LoadImaged
 
-PRESETS = ("ct", "mri", "zscore")
+PRESETS = ("ct", "mri", "zscore", "ct_fingerprint")
 FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # medseg tensors are RAS
 
@@ -81,8 +85,66 @@ class ZScoreNormalized(MapTransform):
         return d
 
 
-def intensity(preset: str, ct_window: tuple[float, float] = (-1000.0, 1000.0)) -> list:
-    """Intensity normalisation of the ``image`` key for ``preset`` (one of :data:`PRESETS`)."""
+def ct_fingerprint_normalize(image: torch.Tensor, stats: Sequence[ChannelIntensity], eps: float = 1e-8) -> torch.Tensor:
+    """nnU-Net's ``CTNormalization`` of ``image`` ``(C, *S)``: channel ``c`` clipped to ``[low, high]`` of
+    ``stats[c]``, minus its ``mean``, divided by ``max(std, eps)``; float32 out, the type (``MetaTensor``) kept.
+
+    Raises:
+        ConfigError: ``stats`` does not hold one entry per channel.
+    """
+    if len(stats) != image.shape[0]:
+        raise ConfigError(
+            f"data.intensity holds {len(stats)} channel entries for an image with {image.shape[0]} channels",
+            expected="one (low, high, mean, std) entry per input channel",
+            hint="plan the dataset again with `medseg plan`",
+        )
+    out = image.float().clone()
+    for c, st in enumerate(stats):
+        out[c] = (out[c].clamp(st.low, st.high) - st.mean) / max(st.std, eps)
+    return out
+
+
+class FingerprintCTNormalized(MapTransform):
+    """Dictionary transform applying :func:`ct_fingerprint_normalize` to ``keys`` with fixed per-channel numbers.
+
+    Args:
+        keys: the keys to normalise.
+        stats: one :class:`~medseg.core.config.ChannelIntensity` per channel.
+    """
+
+    def __init__(self, keys: Any, stats: Sequence[ChannelIntensity]) -> None:
+        super().__init__(keys)
+        self.stats = tuple(stats)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = ct_fingerprint_normalize(torch.as_tensor(d[key]), self.stats)
+        return d
+
+
+def intensity(
+    preset: str,
+    ct_window: tuple[float, float] = (-1000.0, 1000.0),
+    intensity_stats: Sequence[ChannelIntensity] = (),
+) -> list:
+    """Intensity normalisation of the ``image`` key for ``preset`` (one of :data:`PRESETS`).
+
+    ``intensity_stats`` (``data.intensity``) is required by ``ct_fingerprint`` and refused by the others.
+    """
+    if preset == "ct_fingerprint":
+        if not intensity_stats:
+            raise ConfigError(
+                "the ct_fingerprint preset needs data.intensity (low, high, mean, std per channel)",
+                hint="let `medseg plan` / `medseg train` without --config fill it from the dataset",
+            )
+        return [FingerprintCTNormalized(IMAGE, intensity_stats)]
+    if intensity_stats:
+        raise ConfigError(
+            f"data.intensity is given but the preset is {preset!r}",
+            expected="data.intensity with the ct_fingerprint preset only",
+            hint="drop data.intensity or set data.preset: ct_fingerprint",
+        )
     if preset == "ct":
         low, high = ct_window
         if not low < high:
@@ -103,6 +165,7 @@ def preprocessing(
     ct_window: tuple[float, float] = (-1000.0, 1000.0),
     crop_foreground: bool = False,
     load: bool = True,
+    intensity_stats: Sequence[ChannelIntensity] = (),
 ) -> Compose:
     """Deterministic part: load, RAS orientation, resampling, intensity, optional foreground crop.
 
@@ -113,6 +176,7 @@ def preprocessing(
         ct_window: HU window of the CT preset.
         crop_foreground: crop to the bounding box of non-zero image voxels.
         load: start with :class:`LoadImaged` (``False`` when images arrive already loaded).
+        intensity_stats: per-channel numbers of the ``ct_fingerprint`` preset.
 
     Returns:
         A ``Compose`` mapping ``{"image": path(s) | MetaTensor (C, X, Y, Z)[, "label": ...]}`` to tensors.
@@ -123,7 +187,7 @@ def preprocessing(
     steps.append(Orientationd(keys, axcodes="RAS", labels=RAS_LABELS))
     if spacing is not None:
         steps.append(Spacingd(keys, pixdim=tuple(spacing), mode=modes))
-    steps += intensity(preset, ct_window)
+    steps += intensity(preset, ct_window, intensity_stats)
     if crop_foreground:
         steps.append(CropForegroundd(keys, source_key=IMAGE, margin=4, allow_smaller=True))
     steps.append(EnsureTyped(keys, track_meta=True))
@@ -139,6 +203,7 @@ def preprocessing_for(data: DataConfig, default_preset: str, *, with_label: bool
         ct_window=data.ct_window,
         crop_foreground=data.crop_foreground,
         load=load,
+        intensity_stats=data.intensity,
     )
 
 
@@ -193,7 +258,28 @@ def training_transforms(
     *,
     ct_window: tuple[float, float] = (-1000.0, 1000.0),
     crop_foreground: bool = False,
+    intensity_stats: Sequence[ChannelIntensity] = (),
 ) -> Compose:
     """Preprocessing + sampling + augmentation. ``CacheDataset`` caches everything before the first random step."""
-    pre = preprocessing(preset, spacing, with_label=True, ct_window=ct_window, crop_foreground=crop_foreground)
+    pre = preprocessing(
+        preset,
+        spacing,
+        with_label=True,
+        ct_window=ct_window,
+        crop_foreground=crop_foreground,
+        intensity_stats=intensity_stats,
+    )
     return Compose([*pre.transforms, *training_sampling(roi_size, fg_ratio), *augmentation(preset)])
+
+
+def training_transforms_for(data: DataConfig, default_preset: str, roi_size: Sequence[int], fg_ratio: float) -> Compose:
+    """:func:`training_transforms` as a run's ``data`` section describes it (``default_preset``: the model card's)."""
+    return training_transforms(
+        data.preset or default_preset,
+        data.spacing,
+        roi_size,
+        fg_ratio,
+        ct_window=data.ct_window,
+        crop_foreground=data.crop_foreground,
+        intensity_stats=data.intensity,
+    )

@@ -36,7 +36,7 @@ from tests.server.live import Live, live_server
 PREDICT_SUMMARY = "Segment one image"
 JOBS_SUMMARY = "Queue a segmentation job"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM_TIMEOUT_S = 25
+CHROMIUM_TIMEOUT_S = 45
 SWAGGER_POST_RGB = (73, 204, 144)  # Swagger UI's colours of a POST and a GET operation bar
 SWAGGER_GET_RGB = (97, 175, 254)
 MARKER = "medseg-isolation-marker"
@@ -146,7 +146,17 @@ def _run_chromium(url: str, profile: Path, *extra: str, offline: bool = True) ->
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--no-sandbox")  # Chromium refuses to start as root with its sandbox on
     args += [*extra, url]
-    return subprocess.run(args, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S, check=False)
+    # A headless Chromium occasionally never exits after its dump on a loaded machine: one retry with a fresh profile
+    # (the second run has to render the page by itself, so this cannot hide a blank page).
+    for attempt in (1, 2):
+        try:
+            return subprocess.run(args, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            if attempt == 2:
+                raise
+            fresh = profile.with_name(profile.name + "-retry")
+            args = [f"--user-data-dir={fresh}" if a.startswith("--user-data-dir=") else a for a in args]
+    raise AssertionError("unreachable")
 
 
 def _pixels_near(png: Path, rgb: tuple[int, int, int]) -> int:
