@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.core.atomic import atomic_open
-from medseg.core.errors import DataError
-from medseg.data import Manifest, load_manifest, verify_dataset
+from medseg.data import Manifest, load_manifest, require_valid
 from medseg.data.fingerprint import load_or_compute_fingerprint
 from medseg.training.plan import PLAN_FILE, Plan, make_plan
 
@@ -47,14 +46,7 @@ class PlanRequest:
 def verified_manifest(data: Path) -> Manifest:
     """Load and verify the dataset; problems raise one ``DataError`` (all of them logged)."""
     manifest = load_manifest(data)
-    problems = verify_dataset(manifest)
-    if problems:
-        for p in problems:
-            logger.error("%s", p)
-        raise DataError(
-            f"{len(problems)} problem(s) in dataset {manifest.root}, first: {problems[0]}",
-            hint=f"run `medseg verify-data {manifest.root}` for the full list",
-        )
+    require_valid(manifest)
     return manifest
 
 

@@ -29,8 +29,8 @@ from torch import nn
 from medseg.core.atomic import atomic_open
 from medseg.core.config import ExperimentConfig, load_config
 from medseg.core.device import pick_device
-from medseg.core.errors import ConfigError, DataError
-from medseg.data import Manifest, load_manifest, split_cases, verify_dataset
+from medseg.core.errors import ConfigError
+from medseg.data import Manifest, load_manifest, require_valid, split_cases
 from medseg.data.labels import resolve_label_names
 from medseg.models import create_model, get_card
 from medseg.training import RunDir, Trainer, TrainResult, distributed
@@ -157,14 +157,7 @@ def train(req: TrainRequest) -> TrainResult:
 def _train_in_group(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest, run_dir: RunDir) -> TrainResult:
     """The part of :func:`train` that runs on every rank once the process group (if any) is up."""
     main = distributed.is_main()
-    problems = verify_dataset(manifest)
-    if problems:
-        for p in problems:
-            logger.error("%s", p)
-        raise DataError(
-            f"{len(problems)} problem(s) in dataset {manifest.root}, first: {problems[0]}",
-            hint=f"run `medseg verify-data {manifest.root}` for the full list",
-        )
+    require_valid(manifest)
     label_names = resolve_label_names(manifest)
     card = get_card(cfg.model.name)
     plan: Plan | None = None

@@ -20,7 +20,7 @@ from medseg.data.manifest import (
     strip_image_extension,
 )
 from medseg.data.splits import kfold, split_cases
-from medseg.data.verify import PROBLEM_KINDS, Problem, ProblemKind, format_problems, verify_dataset
+from medseg.data.verify import PROBLEM_KINDS, Problem, ProblemKind, format_problems, require_valid, verify_dataset
 
 __all__ = [
     "EXPECTED_LAYOUTS",
@@ -40,5 +40,6 @@ __all__ = [
     "load_manifest",
     "split_cases",
     "strip_image_extension",
+    "require_valid",
     "verify_dataset",
 ]

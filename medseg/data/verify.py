@@ -106,6 +106,22 @@ def verify_dataset(manifest: Manifest, *, progress: Callable[[int, int], None] |
     return problems
 
 
+def require_valid(manifest: Manifest) -> None:
+    """Verify ``manifest``; every problem is logged and they raise one ``DataError`` naming the first.
+
+    Raises:
+        DataError: the dataset has at least one problem (see :func:`verify_dataset`).
+    """
+    problems = verify_dataset(manifest)
+    if problems:
+        for p in problems:
+            logger.error("%s", p)
+        raise DataError(
+            f"{len(problems)} problem(s) in dataset {manifest.root}, first: {problems[0]}",
+            hint=f"run `medseg verify-data {manifest.root}` for the full list",
+        )
+
+
 def format_problems(problems: Sequence[Problem]) -> str:
     """Return one line per problem, ``case_id: kind: message (path)``; an empty string when there are none."""
     return "\n".join(str(p) for p in problems)
