@@ -63,6 +63,10 @@ class PredictSettings:
     part_id: int = 0
     skip_existing: bool = False
 
+    def __post_init__(self) -> None:
+        if self.fmt not in SUFFIXES:
+            raise DataError(f"unknown output format {self.fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
+
 
 def predict(
     run: Path,
@@ -83,8 +87,6 @@ def predict(
         The cases written by this call (skipped cases are not listed).
     """
     s = settings or PredictSettings()
-    if s.fmt not in SUFFIXES:
-        raise DataError(f"unknown output format {s.fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
     cases = shard(list_cases(inputs), s.num_parts, s.part_id)
     predictor = predictor or open_predictor(run)
     predictor.check_prompts(s.prompts)
