@@ -19,6 +19,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from medseg.inference.prompts import Prompts
+    from medseg.models import ModelCard
 
 app = typer.Typer(
     name="medseg",
@@ -105,8 +106,12 @@ def train(
     if _torchrun_rank() > 0:  # rank 0 reports for all
         return
     best = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f} (epoch {result.best_epoch})"
+    what = "mean Dice"
+    if hasattr(result, "best_accuracy"):  # a classifier
+        what, acc = "accuracy", result.best_accuracy
+        best = "n/a" if acc is None else f"{acc:.4f} (epoch {result.best_epoch})"
     console.print(
-        f"trained {result.epochs} epochs / {result.steps} steps in {result.seconds:.0f} s; best val mean Dice {best}"
+        f"trained {result.epochs} epochs / {result.steps} steps in {result.seconds:.0f} s; best val {what} {best}"
     )
     console.print(f"run directory: {result.run_dir}")
 
@@ -183,6 +188,13 @@ def predict(
         str | None, typer.Option("--ray-address", help="A running Ray cluster; default: a local instance.")
     ] = None,
     ray_workers: Annotated[int, typer.Option("--ray-workers", help="Predictor workers (one CPU each).")] = 2,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="Dense models: torch or openvino (needs medseg[openvino]).")
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option("--precision", help="Dense models: auto, fp32, bf16 (CPUs with native bf16) or fp16 (CUDA)."),
+    ] = None,
 ) -> None:
     """Segment images; masks land on each input's exact voxel grid. Prompted models (db_sam, sam_unet_*) need
     --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans. A folder of image
@@ -198,6 +210,8 @@ def predict(
         num_parts=num_parts,
         part_id=part_id,
         skip_existing=skip_existing,
+        backend=backend,
+        precision=precision,
     )
     if ray or ray_address:
         from pipelines.ray_predict import predict_with_ray
@@ -214,8 +228,15 @@ def predict(
         if report.failed:
             raise typer.Exit(1)
         return
+    from medseg.core.cpu import configure_threads
+
+    configure_threads()  # intra-op threads = physical cores, once
     cases = run_predict(run, inputs, out, settings, show_progress=not no_progress)
     for case in cases:
+        if "label_name" in case.stats:  # a classifier: the class and its probability
+            p = case.stats["probabilities"][case.stats["label_name"]]
+            console.print(f"{case.input} → {case.stats['label_name']} (p = {p:.3f}), {case.mask}", markup=False)
+            continue
         vols = ", ".join(f"{n} {v['volume_ml']:.1f} mL" for n, v in case.stats["labels"].items())
         console.print(f"{case.input} → {case.mask}  ({vols})")
 
@@ -243,6 +264,15 @@ def evaluate(
     from pipelines.predict import evaluate as run_evaluate
 
     report = run_evaluate(run, data, out, show_progress=not no_progress)
+    if "accuracy" in report:  # a classifier
+        table = Table(title=f"evaluation on {report['data']} ({report['split']}, {report['n']} images)")
+        for col in ("accuracy", "balanced accuracy", "macro F1", "AUROC"):
+            table.add_column(col, justify="right")
+        keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+        table.add_row(*(_fmt(report[k]) for k in keys))
+        console.print(table)
+        console.print(f"report: {report['path']}")
+        return
     console.print(metrics_table(report))
     console.print(f"report: {report['path']}")
 
@@ -297,19 +327,44 @@ def plan(
 def verify_data(data: Annotated[Path, typer.Argument(help="Dataset folder.")]) -> None:
     """Check a dataset folder and report every problem at once (exit 1 if any)."""
     from medseg.data import load_manifest, verify_dataset
+    from medseg.data.classification import (
+        detect_classification_layout,
+        load_classification_dataset,
+        verify_classification,
+    )
 
+    if detect_classification_layout(data):
+        dataset = load_classification_dataset(data)
+        console.print(dataset.describe())
+        _report_problems(verify_classification(dataset))
+        return
     manifest = load_manifest(data)
     problems = verify_dataset(manifest)
     console.print(
         f"{manifest.root}: {manifest.layout} layout, {len(manifest.cases)} training / {len(manifest.test_cases)} test "
         f"cases, channels {list(manifest.channel_names)}, labels {list(manifest.label_names) or '(from files)'}"
     )
+    _report_problems(problems)
+
+
+def _report_problems(problems: list) -> None:
+    """Print every problem of ``verify-data`` and exit 1, or say there is none."""
     if problems:
         for p in problems:
             console.print(f"[red]✗[/red] {p}", markup=True, highlight=False)
         console.print(f"[red]{len(problems)} problem(s)[/red]")
         raise typer.Exit(1)
     console.print("[green]no problems found[/green]")
+
+
+def accepted_inputs(card: ModelCard) -> str:
+    """What images a model segments: a 2D model takes 2D images and 2D+t cines (frame by frame) and 3D volumes
+    (slice by slice); a 3D model takes 3D volumes; a prompted 2D model (one box per slice) is listed as 2D."""
+    if card.task != "segmentation":
+        return "2D" if card.spatial_dims == 2 else "3D"
+    if card.spatial_dims == 2 and not card.needs_prompts:
+        return "2D, 2D+t, 3D (per slice)"
+    return "2D, 3D (per slice)" if card.spatial_dims == 2 else "3D"
 
 
 @app.command()
@@ -319,16 +374,17 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the cards
 
     cards = [get_card(n) for n in list_models()]
     if as_json:
-        console.print_json(json.dumps([c.to_dict() for c in cards]))
+        console.print_json(json.dumps([{**c.to_dict(), "accepts": accepted_inputs(c)} for c in cards]))
         return
     table = Table(title="medseg models")
-    for col in ("name", "dims", "in→out", "roi", "divisible by", "preset", "params (paper)"):
+    for col in ("name", "dims", "accepts", "in→out", "roi", "divisible by", "preset", "params (paper)"):
         table.add_column(col, no_wrap=True)
     for c in cards:
         params = f"{c.reference_params / 1e6:.2f} M" if c.reference_params else "—"
         table.add_row(
             c.name,
             f"{c.spatial_dims}D",
+            accepted_inputs(c),
             f"{c.in_channels}→{c.out_channels}",
             "×".join(map(str, c.roi_size)),
             "×".join(map(str, c.divisible_by)),
@@ -362,10 +418,26 @@ def demo(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override the demo's epochs.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo run in --out.")] = False,
+    task: Annotated[
+        str, typer.Option("--task", help="brain (SegFormer3D on MNI152), angiography or ultrasound (unet2d).")
+    ] = "brain",
 ) -> None:
-    """Train SegFormer3D on MNI152 brain tissue and segment two held-out subjects."""
-    from pipelines.demo import run_demo
+    """Train SegFormer3D on MNI152 brain tissue (or unet2d on generated XA / US DICOM) and segment held-out cases."""
+    from medseg.core.errors import ConfigError
+    from pipelines.demo import DEMO_TASKS, ModalityDemoSize, run_demo, run_modality_demo
 
+    if task not in DEMO_TASKS:
+        raise ConfigError(f"--task {task!r} is not a demo task", expected=f"one of {', '.join(DEMO_TASKS)}")
+    if task != "brain":
+        out = out if out != Path("runs/demo") else Path(f"runs/demo_{task}")
+        size = ModalityDemoSize() if epochs is None else ModalityDemoSize(epochs=epochs)
+        result = run_modality_demo(task, out, size=size, show_progress=not no_progress, force=force)
+        per_case = ", ".join(f"{k} {v:.4f}" for k, v in result.evaluation["per_case"].items())
+        console.print(f"held-out Dice ({task}): {per_case}; mean {result.evaluation['mean_dice']:.4f}")
+        console.print(f"demo finished in {result.seconds:.0f} s. Results in {result.run_dir}/:")
+        console.print(f"  overlays: {', '.join(str(p) for p in result.overlays)}")
+        console.print(f"  report:   {result.evaluation['path']}")
+        return
     result = run_demo(out, epochs=epochs, show_progress=not no_progress, force=force)
     ev = result.evaluation
     console.print(metrics_table(ev))

@@ -17,11 +17,13 @@ from medseg import open_predictor
 from medseg.core.atomic import atomic_open
 from medseg.core.errors import DataError
 from medseg.data import load_manifest
+from medseg.data.classification import load_classification_dataset, read_sample
 from medseg.data.labels import resolve_label_names
 from medseg.inference.contract import SegmentationPredictor
 from medseg.inference.prompts import Box, PromptObject, Prompts
 from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
+from medseg.training.classification import classification_metrics
 from medseg.training.metrics import case_metrics, summarize
 from medseg.transforms.io import LoadImage
 from medseg.transforms.sam import box_from_mask, box_rule_of, volume_slice
@@ -53,6 +55,8 @@ class PredictSettings:
         num_parts: split the cases into this many parts (see :mod:`pipelines.batch`).
         part_id: the part this process predicts, ``0 .. num_parts - 1``.
         skip_existing: leave a case alone when its mask and statistics are already in the output folder.
+        backend: network backend of dense models (``torch`` or ``openvino``; ``None``: the run's ``infer.backend``).
+        precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``; ``None``: the run's).
     """
 
     tta: bool | None = None
@@ -62,6 +66,12 @@ class PredictSettings:
     num_parts: int = 1
     part_id: int = 0
     skip_existing: bool = False
+    backend: str | None = None
+    precision: str | None = None
+
+    def open_options(self) -> dict[str, Any]:
+        """The options :func:`medseg.open_predictor` takes from these settings (only those given)."""
+        return {k: v for k, v in (("backend", self.backend), ("precision", self.precision)) if v is not None}
 
     def __post_init__(self) -> None:
         if self.fmt not in SUFFIXES:
@@ -88,9 +98,12 @@ def predict(
     """
     s = settings or PredictSettings()
     cases = shard(list_cases(inputs), s.num_parts, s.part_id)
-    predictor = predictor or open_predictor(run)
+    predictor = predictor or open_predictor(run, **s.open_options())
     predictor.check_prompts(s.prompts)
     out.mkdir(parents=True, exist_ok=True)
+    if predictor.task == "classification":
+        found = (classify_case(predictor, path, out, s) for path in _track(cases, "classifying", show_progress))
+        return [case for case in found if case is not None]
     written = []
     for path in _track(cases, "predicting", show_progress):
         case = predict_case(predictor, path, out, s)
@@ -120,6 +133,45 @@ def predict_case(
     return PredictedCase(path, mask_path, stats)
 
 
+def classify_case(predictor: Any, path: Path, out: Path, settings: PredictSettings) -> PredictedCase | None:
+    """Classify one image into ``out/<case>_class.json`` (``label``, ``label_name``, ``probabilities``; atomic).
+    ``None`` when skipped; the returned case's ``mask`` is the JSON file."""
+    target = out / f"{case_name(path)}_class.json"
+    if settings.skip_existing and target.is_file():
+        logger.info("%s: outputs exist, skipped", path)
+        return None
+    image = load_image(path, allow_external_data=settings.allow_external_data)
+    result = predictor.predict_class(image).to_dict()
+    with atomic_open(target) as fh:
+        json.dump(result, fh, indent=2)
+    logger.info("%s → %s (%s)", path, result["label_name"], target)
+    return PredictedCase(path, target, result)
+
+
+def _evaluate_classifier(
+    predictor: Any, run: Path, data: Path, out: Path | None, show_progress: bool
+) -> dict[str, Any]:
+    """Score a classifier on the test split of a classification dataset (else val, else train)."""
+    dataset = load_classification_dataset(data)
+    split = dataset.evaluation_split()
+    samples = dataset.split(split)
+    if tuple(dataset.class_names) != tuple(predictor.label_names):
+        logger.warning("dataset classes %s differ from the model's %s", dataset.class_names, predictor.label_names)
+    probs = [predictor.probabilities([read_sample(s)])[0] for s in _track(list(samples), "evaluating", show_progress)]
+    metrics = classification_metrics([s.label for s in samples], np.stack(probs), predictor.label_names)
+    cases = {
+        s.case_id: {"label": s.label, "predicted": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
+        for s, p in zip(samples, probs, strict=True)
+    }
+    report = {"run": str(run), "data": str(data), "split": split, **metrics, "cases": cases}
+    name = Path(data).stem if Path(data).is_file() else Path(data).name
+    target = out or Path(run) / "evaluation" / f"{name}.json"
+    with atomic_open(target) as fh:
+        json.dump(report, fh, indent=2)
+    report["path"] = str(target)
+    return report
+
+
 def evaluate(
     run: Path,
     data: Path,
@@ -128,11 +180,14 @@ def evaluate(
     predictor: SegmentationPredictor | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Predict every labelled case of a dataset and score it (Dice, HD95 per label); write JSON.
+    """Predict every labelled case of a dataset and score it (Dice, HD95 per label); write JSON. A classifier is
+    scored on a classification dataset instead (accuracy, balanced accuracy, macro F1, AUROC, confusion matrix).
 
     A prompted model is scored as the SAM papers do: one box per label and slice, taken from the reference.
     """
     predictor = predictor or open_predictor(run)
+    if predictor.task == "classification":
+        return _evaluate_classifier(predictor, run, data, out, show_progress)
     manifest = load_manifest(data)
     labelled = [c for c in manifest.cases if c.label is not None and c.label.exists()]
     if not labelled:

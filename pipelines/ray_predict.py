@@ -55,7 +55,7 @@ class _CaseWorker:
         from medseg import open_predictor
 
         torch.set_num_threads(max(1, threads))
-        self.predictor = open_predictor(Path(run), device=device)
+        self.predictor = open_predictor(Path(run), device=device, **settings.open_options())
         self.out, self.settings = Path(out), settings
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:

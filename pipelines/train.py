@@ -29,11 +29,19 @@ from torch import nn
 from medseg.core.atomic import atomic_open
 from medseg.core.config import ExperimentConfig, load_config
 from medseg.core.device import pick_device
-from medseg.core.errors import ConfigError
+from medseg.core.errors import ConfigError, DataError
 from medseg.data import Manifest, load_manifest, require_valid, split_cases
+from medseg.data.classification import (
+    EXPECTED_CLASSIFICATION,
+    ClassificationDataset,
+    detect_classification_layout,
+    load_classification_dataset,
+    require_valid_classification,
+)
 from medseg.data.labels import resolve_label_names
 from medseg.models import create_model, get_card
 from medseg.training import RunDir, Trainer, TrainResult, distributed
+from medseg.training.classification import ClassificationTrainer, prepare_classification
 from medseg.training.plan import PLAN_FILE, Plan, check_preset_modality
 from medseg.training.prompted import PromptTrainer
 from pipelines.plan import plan_dataset, write_plan
@@ -135,11 +143,13 @@ def resume_config(req: TrainRequest, saved: ExperimentConfig, source: Path) -> E
 def train(req: TrainRequest) -> TrainResult:
     """Run (or resume) one training; returns the trainer's summary."""
     cfg = resolve_config(req)
-    manifest = load_manifest(req.data)
+    dataset = load_classification_dataset(req.data) if detect_classification_layout(req.data) else None
+    manifest = load_manifest(req.data) if dataset is None else None
+    root_name = dataset.root.stem if dataset is not None else manifest.root.name  # type: ignore[union-attr]
     run_dir = RunDir(
         Path(req.out)
         if req.out
-        else Path("runs") / (cfg.name if cfg.name != "run" else f"{cfg.model.name}_{manifest.root.name}")
+        else Path("runs") / (cfg.name if cfg.name != "run" else f"{cfg.model.name}_{root_name}")
     )
     if req.resume:
         if not run_dir.last.is_file():
@@ -150,8 +160,47 @@ def train(req: TrainRequest) -> TrainResult:
             f"{run_dir.root} already holds a training run",
             hint="add --resume to continue it, or choose another --out",
         )
+    if dataset is not None:
+        return _train_classifier(req, cfg, dataset, run_dir)
+    if get_card(cfg.model.name).task == "classification":
+        raise DataError(
+            f"model {cfg.model.name!r} classifies images but {req.data} is a segmentation dataset",
+            expected=EXPECTED_CLASSIFICATION,
+            hint="see docs/classification.md for the class-folder, CSV and MedMNIST .npz layouts",
+        )
+    if cfg.train.label_smoothing:
+        raise ConfigError(
+            f"train.label_smoothing={cfg.train.label_smoothing} applies to classification models only",
+            hint="remove it from the config",
+        )
     with distributed.process_group(pick_device(cfg.train.device)):
-        return _train_in_group(req, cfg, manifest, run_dir)
+        return _train_in_group(req, cfg, manifest, run_dir)  # type: ignore[arg-type]
+
+
+def _train_classifier(
+    req: TrainRequest, cfg: ExperimentConfig, dataset: ClassificationDataset, run_dir: RunDir
+) -> TrainResult:
+    """A classification run (one process): verify the images, apply the MedViTV2 recipe without ``--config``, train."""
+    require_valid_classification(dataset)
+    set_determinism(seed=cfg.train.seed)
+    setup = prepare_classification(
+        cfg, dataset, recipe=req.config is None and not req.resume, keep_epochs=req.epochs is not None
+    )
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    with log_to_file(run_dir.log):
+        if not req.resume:
+            load_pretrained(setup.model, setup.config)
+            run_dir.write_json(run_dir.card, setup.model.card.to_dict())
+        with atomic_open(run_dir.config) as fh:
+            fh.write(setup.config.to_yaml())
+        logger.info("training classifier %s: %s, run dir %s", cfg.model.name, dataset.describe(), run_dir.root)
+        with StepProgress("training", enabled=req.show_progress) as progress:
+            trainer = ClassificationTrainer(
+                setup.config, setup.model, setup.train, setup.val, run_dir.root, setup.test, progress.update
+            )
+            if req.resume:
+                trainer.resume()
+            return trainer.fit()
 
 
 def _train_in_group(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest, run_dir: RunDir) -> TrainResult:

@@ -47,7 +47,8 @@ class DataConfig(_Section):
     Attributes:
         root: dataset folder (MSD, nnU-Net raw or paired layout); ``None`` when given on the command line.
         preset: intensity preset (``ct``, ``mri``, ``zscore`` = nnU-Net's all-voxel z-score, ``ct_fingerprint`` =
-            nnU-Net's CT scheme with the numbers of ``intensity``); ``None`` takes the model card's.
+            nnU-Net's CT scheme with the numbers of ``intensity``, ``us``, ``rgb_mean05_std05`` = 8-bit RGB to
+            [-1, 1] for 2D classifiers); ``None`` takes the model card's.
         spacing: target voxel spacing in mm; ``None`` keeps each image's own spacing.
         ct_window: HU window ``[low, high]`` clipped and scaled to [0, 1] by the CT preset.
         val_fraction: share of training cases held out for validation.
@@ -58,7 +59,7 @@ class DataConfig(_Section):
     """
 
     root: Path | None = None
-    preset: Literal["ct", "mri", "zscore", "ct_fingerprint"] | None = None
+    preset: Literal["ct", "mri", "zscore", "ct_fingerprint", "us", "rgb_mean05_std05"] | None = None
     spacing: tuple[float, float, float] | None = None
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -142,6 +143,7 @@ class TrainConfig(_Section):
         max_val_slices: prompted 2D models validate on at most this many (slice, label) prompts. Prompted
             models only.
         num_workers: data-loading worker processes (0: in the training process). Changes the augmentation draws.
+        label_smoothing: cross-entropy label smoothing of classification models (0: none). Classification only.
 
     Keys a model family does not use (e.g. ``fg_ratio`` for the prompted models, see
     :meth:`medseg.training.trainer.Trainer.check_config`) must stay at their defaults.
@@ -165,15 +167,40 @@ class TrainConfig(_Section):
     poly_exponent: float = Field(0.9, gt=0)
     max_val_slices: int = Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class InferConfig(_Section):
-    """Sliding-window inference of dense models (validation during training, and prediction from the run)."""
+    """Sliding-window inference of dense models (validation during training, and prediction from the run).
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour (nnU-Net's step 0.5 = overlap 0.5).
+        sw_batch_size: windows per network pass.
+        blend: ``gaussian`` (nnU-Net's importance map) or ``constant``.
+        tta: mirror test-time augmentation: average the passes flipped over every subset of ``tta_axes``.
+        tta_axes: spatial axes (0-based, of the network's RAS grid) mirrored by ``tta``, every subset of them one
+            pass; ``None``: all (2^3 = 8 passes in 3D, as nnU-Net). Default ``[0]`` (left-right, 2 passes): on the
+            demo task it keeps mean Dice within 0.003 of all 8 passes (``benchmarks/results/tta-cpu.md``).
+        crop_foreground: run windows only over the box of foreground voxels (values above ``foreground_floor``,
+            or non-zero) and label everything outside it background, as nnU-Net does.
+        foreground_floor: intensity (in the input's units) above which a voxel is foreground for the box;
+            ``None``: the preset's default (-500 HU for CT presets, i.e. the body; non-zero for the others).
+        precision: ``auto`` (float32 on CPU, float16 AMP on CUDA), ``fp32``, ``bf16`` (CPUs with native bf16 only)
+            or ``fp16`` (CUDA only).
+        backend: ``torch`` or ``openvino`` (CPU; the optional extra ``openvino``).
+        accumulate: dtype of the sliding-window slab buffer.
+    """
 
     overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(2, ge=1)
     blend: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
+    tta_axes: tuple[int, ...] | None = (0,)
+    crop_foreground: bool = True
+    foreground_floor: float | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    backend: Literal["torch", "openvino"] = "torch"
+    accumulate: Literal["float16", "float32"] = "float16"
 
 
 class ExperimentConfig(_Section):

@@ -8,6 +8,16 @@ Examples::
     >>> train, val = split_cases(manifest.cases, val_fraction=0.2, seed=0)
 """
 
+from medseg.data.histology import (
+    StainNormalizer,
+    TileBatch,
+    TileGrid,
+    TissueMask,
+    detect_tissue,
+    iter_tile_batches,
+    make_tile_grid,
+)
+from medseg.data.histology_outputs import SlidePrediction, SlideSettings, predict_slide
 from medseg.data.layouts import EXPECTED_LAYOUTS, detect_layout, load_manifest
 from medseg.data.manifest import (
     IMAGE_EXTENSIONS,
@@ -31,13 +41,23 @@ __all__ = [
     "LayoutName",
     "Manifest",
     "Problem",
+    "SlidePrediction",
+    "SlideSettings",
+    "StainNormalizer",
+    "TileBatch",
+    "TileGrid",
+    "TissueMask",
     "ProblemKind",
     "detect_layout",
+    "detect_tissue",
     "format_problems",
     "image_extension",
     "infer_modality",
+    "iter_tile_batches",
     "kfold",
     "load_manifest",
+    "make_tile_grid",
+    "predict_slide",
     "split_cases",
     "strip_image_extension",
     "require_valid",

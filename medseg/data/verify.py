@@ -37,6 +37,7 @@ ProblemKind = Literal[
     "affine_mismatch",
     "label_values",
     "label_channels",
+    "class_count",
 ]
 PROBLEM_KINDS: tuple[str, ...] = get_args(ProblemKind)
 AFFINE_ATOL_MM = 1e-3

@@ -6,12 +6,16 @@ Dense run directories (:class:`~medseg.inference.predictor.Predictor`), promptab
 :func:`medseg.open_predictor` returns it. Callers (CLI, jobs worker, REST routes, DICOMweb, MONAI Label) never
 branch on the kind of model: they call :meth:`~SegmentationPredictor.check_input` (or let ``predict`` call it) and
 ``predict``. A dense model refuses prompts and a prompted one requires them, each in its own words.
-See ``docs/architecture.md``.
+Classification runs (:class:`~medseg.inference.classify.ClassificationPredictor`) share the card, label names and
+input checks, but their answer is a class, not a mask: they add ``predict_class`` and their ``predict`` refuses
+with a ``ModelInputError``; :attr:`SegmentationPredictor.task` tells the two apart.
+See ``docs/architecture.md`` and ``docs/classification.md``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +28,10 @@ from medseg.inference.prompts import PROMPTS_JSON_EXAMPLE, Prompts
 if TYPE_CHECKING:
     from medseg.models import ModelCard
 
-__all__ = ["PROMPT_USAGE", "SegmentationPredictor", "image_name"]
+__all__ = ["PROMPT_USAGE", "Progress", "SegmentationPredictor", "image_name"]
+
+#: ``progress(done, total)``: called by ``predict`` as the work advances (network windows or slices).
+Progress = Callable[[int, int], None]
 
 #: How prompts are given, for error messages (the CLI's flags and the server's JSON field).
 PROMPT_USAGE = (
@@ -48,6 +55,13 @@ class SegmentationPredictor(ABC):
     def label_names(self) -> tuple[str, ...]:
         """Names of the mask values 0..N-1 (a prompted model names its labels after the prompt objects)."""
         return self.card.label_names
+
+    @property
+    def task(self) -> str:
+        """``"segmentation"`` or ``"classification"`` (the card's). A classification run opens as a
+        :class:`~medseg.inference.classify.ClassificationPredictor`, which answers ``predict_class`` and refuses
+        ``predict``; callers serving both kinds check this once."""
+        return self.card.task
 
     @property
     def needs_prompts(self) -> bool:
@@ -77,20 +91,21 @@ class SegmentationPredictor(ABC):
             )
 
     def check_image(self, image: MetaTensor) -> None:
-        """Refuse an image this model cannot segment: ``(C, X, Y, Z)`` with ``C = card.in_channels``.
+        """Refuse an image this model cannot segment: ``(C, X, Y, Z)`` with ``C = card.in_channels``; a 2D model
+        (``card.spatial_dims == 2``) also takes a 2D image ``(C, X, Y)``, and segments ``(C, X, Y, T)`` frame by frame.
 
         Raises:
             ModelInputError: wrong dimensionality or channel count.
         """
         channels = self.card.in_channels
-        if image.ndim != 4:
-            raise ModelInputError(
-                f"{image_name(image)} has shape {tuple(image.shape)}", expected=f"(C={channels}, X, Y, Z)"
-            )
+        planar = self.card.spatial_dims == 2
+        layout = f"(C={channels}, X, Y) or (C={channels}, X, Y, Z|T)" if planar else f"(C={channels}, X, Y, Z)"
+        if image.ndim != 4 and not (planar and image.ndim == 3):
+            raise ModelInputError(f"{image_name(image)} has shape {tuple(image.shape)}", expected=layout)
         if image.shape[0] != channels:
             raise ModelInputError(
                 f"{image_name(image)} has {image.shape[0]} channel(s) but model {self.card.name!r} takes {channels}",
-                expected=f"(C={channels}, X, Y, Z)",
+                expected=layout,
                 hint="give one file per channel in the order of training (e.g. case_0000, case_0001)",
             )
 
@@ -111,6 +126,7 @@ class SegmentationPredictor(ABC):
         prompts: Prompts | None = None,
         tta: bool | None = None,
         keep_probabilities: bool = False,
+        progress: Progress | None = None,
     ) -> Prediction:
         """Segment one image; the mask lies on the input's exact voxel grid.
 
@@ -119,6 +135,7 @@ class SegmentationPredictor(ABC):
             prompts: boxes / points, required by prompted models and refused by the others.
             tta: override the model's test-time augmentation default (ignored where it does not apply).
             keep_probabilities: also return the class probabilities ``(C_out, X, Y, Z)`` on the input grid.
+            progress: called with ``(done, total)`` as the work advances.
 
         Returns:
             A :class:`~medseg.inference.prediction.Prediction`.

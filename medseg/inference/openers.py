@@ -122,19 +122,31 @@ def _is_run_dir(folder: Path) -> bool:
     return RunDir(folder).config.is_file()
 
 
-def open_run_dir(root: Path, *, device: str = "auto", checkpoint: str = "best") -> SegmentationPredictor:
+def open_run_dir(
+    root: Path,
+    *,
+    device: str = "auto",
+    checkpoint: str = "best",
+    backend: str | None = None,
+    precision: str | None = None,
+) -> SegmentationPredictor:
     """Rebuild model, preprocessing and window settings from a run directory (``config.yaml`` + checkpoint).
 
     A model whose card ``needs_prompts`` (DB-SAM, SAM-UNet) gets a
-    :class:`~medseg.inference.prompted.PromptPredictor`, the others a :class:`~medseg.inference.predictor.Predictor`.
+    :class:`~medseg.inference.prompted.PromptPredictor`, a classifier (``card.task == "classification"``, MedViTV2) a
+    :class:`~medseg.inference.classify.ClassificationPredictor`, the others a
+    :class:`~medseg.inference.predictor.Predictor`.
 
     Args:
         root: a run directory written by ``medseg train``.
         device: ``auto``, ``cpu`` or ``cuda``.
         checkpoint: ``best`` or ``last``.
+        backend: override ``infer.backend`` (``torch`` or ``openvino``; dense models).
+        precision: override ``infer.precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``; dense models).
 
     Raises:
-        ConfigError: not a run directory, or an unknown ``checkpoint``.
+        ConfigError: not a run directory, an unknown ``checkpoint``, or a backend/precision this machine or model
+            cannot run.
         WeightsError: the checkpoint is missing, unreadable or does not fit the network.
     """
     from medseg.inference.predictor import Predictor
@@ -162,8 +174,20 @@ def open_run_dir(root: Path, *, device: str = "auto", checkpoint: str = "best") 
         **ckpt["model_kwargs"],
     )
     load_state_dict_checked(model, ckpt["model"], source=str(rd.root))
-    kind = PromptPredictor if model.card.needs_prompts else Predictor  # type: ignore[union-attr]
-    return kind(model, config, device=device)
+    if model.card.needs_prompts or model.card.task == "classification":  # type: ignore[union-attr]
+        if backend is not None or precision is not None:
+            raise ConfigError(
+                "backend and precision apply to dense models only", hint="drop --backend / --precision here"
+            )
+        if model.card.task == "classification":  # type: ignore[union-attr]
+            from medseg.inference.classify import ClassificationPredictor
+
+            return ClassificationPredictor(model, config, device=device)
+        return PromptPredictor(model, config, device=device)
+    changes = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
+    if changes:
+        config = config.updated({"infer": changes})
+    return Predictor(model, config, device=device, cache_dir=rd.root / "cache")
 
 
 register_opener(

@@ -21,7 +21,7 @@ from torch import nn
 from medseg.core.config import ExperimentConfig
 from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, ModelInputError
-from medseg.inference.contract import SegmentationPredictor, image_name
+from medseg.inference.contract import Progress, SegmentationPredictor, image_name
 from medseg.inference.prediction import Prediction
 from medseg.inference.prompts import PromptObject, Prompts
 from medseg.io import load_image
@@ -118,6 +118,7 @@ class PromptPredictor(SegmentationPredictor):
         prompts: Prompts | None = None,
         tta: bool | None = None,
         keep_probabilities: bool = False,
+        progress: Progress | None = None,
     ) -> Prediction:
         """Segment the prompted objects of one image.
 
@@ -132,6 +133,7 @@ class PromptPredictor(SegmentationPredictor):
             tta: ignored (flip augmentation does not apply to prompted models).
             keep_probabilities: also return ``(K + 1, X, Y, Z)`` probabilities: channel ``k + 1`` is object ``k``'s,
                 channel 0 is ``1 - max_k p_k``.
+            progress: called with ``(slices_done, slices_total)``.
 
         Returns:
             A :class:`~medseg.inference.predictor.Prediction` on the input's grid with ``label_names``
@@ -148,13 +150,13 @@ class PromptPredictor(SegmentationPredictor):
         rgb = sam_intensity(original)
         spatial = tuple(int(s) for s in original.shape[1:])
         voxel = prompts.to_voxel(original.affine, spatial)
-        best, index, fg = self._object_probabilities(rgb, voxel, keep=keep_probabilities)
+        best, index, fg = self._object_probabilities(rgb, voxel, keep=keep_probabilities, progress=progress)
         names = ("background", *(o.name or f"object_{k + 1}" for k, o in enumerate(voxel.objects)))
         probabilities = torch.cat([(1.0 - best)[None], fg]) if fg is not None else None
         return Prediction.on_input_grid(torch.where(best > 0.5, index + 1, 0), original, names, probabilities)
 
     def _object_probabilities(
-        self, rgb: torch.Tensor, prompts: Prompts, keep: bool = False
+        self, rgb: torch.Tensor, prompts: Prompts, keep: bool = False, progress: Progress | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Highest object probability ``(X, Y, Z)``, its object index, and (``keep``) every object's ``(K, X, Y, Z)``.
 
@@ -171,6 +173,7 @@ class PromptPredictor(SegmentationPredictor):
                 groups[job.key].append(job)
         n_jobs = sum(len(g) for g in groups.values())
         start = time.perf_counter()
+        done = 0
         for jobs in groups.values():
             jobs.sort(key=lambda j: (j.z, j.k))  # objects sharing a slice share its preparation
             for i in range(0, len(jobs), self.slice_batch):
@@ -183,6 +186,9 @@ class PromptPredictor(SegmentationPredictor):
                     top, top_k = best[:, :, job.z], index[:, :, job.z]
                     wins = (p > top) | ((p == top) & (job.k < top_k))  # ties go to the lower label value
                     top[wins], top_k[wins] = p[wins], job.k
+                done += len(batch)
+                if progress is not None:
+                    progress(done, n_jobs)
         elapsed = time.perf_counter() - start
         logger.debug(
             "%s: %d slice prompts in %.2f s (%.1f slices/s)",
@@ -193,7 +199,7 @@ class PromptPredictor(SegmentationPredictor):
         )
         return best, index, fg
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run_batch(self, rgb: torch.Tensor, batch: list[_Job]) -> torch.Tensor:
         """Probabilities ``(B, rows, cols)`` of one batch of jobs sharing a prompt layout."""
         prepared: dict[int, tuple[torch.Tensor, SamFrame]] = {}

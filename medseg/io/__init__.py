@@ -12,6 +12,10 @@ Public API::
     read_raster(path) -> MetaTensor (C, X, Y, 1)        PNG/JPEG/TIFF/BMP, X = column, Y = row
     read_dicom_image(path) -> MetaTensor (C, X, Y, 1)   one single-frame .dcm file
     write_raster(mask, path, *, spacing=None) -> Path   2D label map as PNG/TIFF
+    open_slide(path, *, mpp=None) -> Slide              whole-slide image, read by region (docs/histology.md)
+    find_adapter(path) / get_adapter(name) -> ModalityAdapter | None   modality adapters (docs/modalities.md)
+    load_xa(path, **options) -> MetaTensor (1, X, Y, T)                X-ray angiography, subtracted
+    load_ultrasound(path, **options) -> MetaTensor (C, X, Y, T)        ultrasound, cropped to its region
 """
 
 from __future__ import annotations
@@ -29,21 +33,36 @@ from medseg.io.geometry import (
 )
 from medseg.io.header import read_header
 from medseg.io.images import IMAGE_SUFFIXES, WRITE_SUFFIXES, load_channels, load_image, save_image, save_mask
+from medseg.io.modality import ModalityAdapter, find_adapter, get_adapter, list_adapters
 from medseg.io.raster import RASTER_SUFFIXES, raster_channels, read_dicom_image, read_raster, write_raster
+from medseg.io.slide import SLIDE_SUFFIXES, Slide, SlideLevel, open_slide
+from medseg.io.slide_writer import write_pyramidal_tiff
+from medseg.io.ultrasound import load_ultrasound  # registers the ultrasound adapter
+from medseg.io.xa import load_xa  # registers the X-ray angiography adapter
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "NONFINITE_MODES",
     "RASTER_SUFFIXES",
+    "SLIDE_SUFFIXES",
     "WRITE_SUFFIXES",
     "DicomSeries",
     "ImageHeader",
+    "Slide",
+    "SlideLevel",
+    "ModalityAdapter",
     "VoxelLimitError",
     "ZipLimits",
     "affine_to_sitk",
+    "find_adapter",
+    "get_adapter",
+    "list_adapters",
     "list_dicom_series",
     "load_channels",
     "load_image",
+    "open_slide",
+    "load_ultrasound",
+    "load_xa",
     "lps_to_ras",
     "ras_to_lps",
     "raster_channels",
@@ -57,5 +76,6 @@ __all__ = [
     "save_mask",
     "sitk_to_affine",
     "spacing_from_affine",
+    "write_pyramidal_tiff",
     "write_raster",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "list_dicom_series",
     "pixel_claim",
     "read_dicom_series",
+    "register_multiframe_adapter",
     "series_header",
     "sorted_series_files",
 ]
@@ -49,6 +50,8 @@ _DICOMDIR = "1.2.840.10008.1.3.10"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
 _GAP_TOLERANCE = 0.01  # relative deviation from the median slice gap
+# Modality adapters (medseg.io.modality) offered a series that is one multi-frame file (XA run, US cine).
+_MULTIFRAME_ADAPTERS: list[Any] = []
 _DUPLICATE_MM = 1e-3  # slices closer than this along the normal are duplicates
 
 
@@ -350,6 +353,20 @@ def _choose(groups: dict[str, list[_Instance]], series_uid: str | None, folder: 
     return chosen.uid
 
 
+def register_multiframe_adapter(adapter: Any) -> None:
+    """Offer ``adapter`` (``detect(path)``, ``load(path, max_voxels=)``, ``header(path, max_voxels=)``) the series
+    that are one multi-frame file; :func:`read_dicom_series` and :func:`series_header` hand such a series to the
+    first adapter that detects it instead of refusing it."""
+    if adapter not in _MULTIFRAME_ADAPTERS:
+        _MULTIFRAME_ADAPTERS.append(adapter)
+
+
+def _multiframe_adapter(items: list[_Instance]) -> Any:
+    if len(items) != 1 or items[0].frames <= 1:
+        return None
+    return next((a for a in _MULTIFRAME_ADAPTERS if a.detect(items[0].path)), None)
+
+
 def _refuse(folder: Path, what: str, expected: str, hint: str | None = None) -> DataError:
     return DataError(f"DICOM series in {folder}: {what}", expected=expected, hint=hint, path=folder)
 
@@ -509,6 +526,9 @@ def series_header(folder: str | Path, *, series_uid: str | None = None, max_voxe
     folder = Path(folder)
     groups = _scan(folder)
     uid = _choose(groups, series_uid, folder)
+    adapter = _multiframe_adapter(groups[uid])
+    if adapter is not None:
+        return adapter.header(groups[uid][0].path, max_voxels=max_voxels)
     _, affine = _sort_and_affine(groups[uid], folder)
     return _series_header(folder, groups[uid], affine, max_voxels)
 
@@ -573,6 +593,9 @@ def read_dicom_series(
     groups = _scan(folder)
     uid = _choose(groups, series_uid, folder)
     items = groups[uid]
+    adapter = _multiframe_adapter(items)
+    if adapter is not None:
+        return adapter.load(items[0].path, max_voxels=max_voxels)
     paths, affine = _sort_and_affine(items, folder)
     _series_header(folder, items, affine, max_voxels)
     volume = _decode(paths, folder)

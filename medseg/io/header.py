@@ -7,7 +7,8 @@ caller such as a server can cap the voxel count and refuse a lying file before p
 * NIfTI, NRRD, MetaImage: the header parsed by medseg; pixel bytes counted (raw data) or decompressed without being
   kept, one byte past the claim at most (gzip, zlib, bzip2 streams; a ``.nii.gz`` is counted when it is decoded).
 * DICOM (a folder, a zip, or one ``.dcm`` file): pydicom headers only; each file's pixel data length is read from
-  its element header and compared with Rows x Columns x SamplesPerPixel x frames x BitsAllocated.
+  its element header and compared with Rows x Columns x SamplesPerPixel x frames x BitsAllocated. X-ray angiography
+  and ultrasound files are described by their modality adapter (:mod:`medseg.io.modality`).
 * PNG, JPEG, BMP, TIFF: Pillow / tifffile headers; TIFF strips must lie inside the file and an uncompressed TIFF must
   hold the bytes its size implies. Compressed raster data is checked when it is decoded.
 """
@@ -28,6 +29,7 @@ from medseg.io.archive import ZipLimits, safe_extract_zip
 from medseg.io.checks import ImageHeader, check_shape, check_voxel_cap, regular_file, size_error
 from medseg.io.dicom import series_header
 from medseg.io.geometry import check_affine, spacing_from_affine
+from medseg.io.modality import find_adapter
 from medseg.io.nifti import nifti_header
 from medseg.io.raster import (
     _TIFF_PHOTOMETRIC_TIFFFILE,
@@ -197,6 +199,9 @@ def _pillow_header(path: Path) -> ImageHeader:
 
 
 def _dicom_header(path: Path) -> ImageHeader:
+    adapter = find_adapter(path)  # X-ray angiography, ultrasound: single and multi-frame (medseg.io.modality)
+    if adapter is not None:
+        return adapter.header(path)
     claim, head = dicom_file_claim(path)
     palette = str(head.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR"
     channels = 3 if palette else int(claim.samples or 1)

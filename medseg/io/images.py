@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
-from medseg.core.errors import DataError, ModelInputError
+from medseg.core.errors import ConfigError, DataError, ModelInputError
 from medseg.io.archive import ZipLimits, safe_extract_zip
 from medseg.io.checks import ImageHeader, NonFinite, check_nonfinite_mode
 from medseg.io.dicom import read_dicom_series
@@ -37,6 +37,7 @@ from medseg.io.geometry import (
     to_metatensor,
 )
 from medseg.io.header import FORMATS, IMAGE_SUFFIXES, image_suffix, read_header
+from medseg.io.modality import find_adapter
 from medseg.io.nifti import read_nifti
 from medseg.io.raster import (
     DICOM_SUFFIXES,
@@ -115,6 +116,7 @@ def load_image(
     allow_external_data: bool = False,
     max_voxels: int | None = None,
     nonfinite: NonFinite = "error",
+    modality_options: dict[str, Any] | None = None,
 ) -> MetaTensor:
     """Load an image with its geometry, refusing files whose header lies.
 
@@ -140,6 +142,11 @@ def load_image(
         max_voxels: refuse an image whose header claims more voxels (times channels) than this, before decoding
             (None: no cap).
         nonfinite: ``"error"`` (default) refuses NaN/Inf voxel values; ``"zero"`` replaces them with 0 (logged).
+        modality_options: keyword options of the modality adapter that reads a single ``.dcm`` file
+            (:mod:`medseg.io.modality`: X-ray angiography ``derive``, ``subtract`` ...; ultrasound ``crop``,
+            ``colour`` ...; see ``docs/modalities.md``). X-ray angiography (XA/XRF) and ultrasound files, and DICOM
+            folders whose series is one such multi-frame file, are read by their adapter: ``(C, X, Y, T)`` with
+            T = frame, meta ``modality_adapter``.
 
     Returns:
         ``MetaTensor`` ``(C, X, Y, Z)`` float32 (a 3D scalar image has C=1; a 4D NIfTI ``(X, Y, Z, C)`` has C
@@ -182,10 +189,18 @@ def load_image(
             image = read_nifti(p, header)
         elif header.format in _SITK_IO:
             image = _read_sitk(p, header)
+        elif _suffix(p) in DICOM_SUFFIXES and (adapter := find_adapter(p)) is not None:
+            image = adapter.load(p, max_voxels=max_voxels, **(modality_options or {}))
         elif _suffix(p) in DICOM_SUFFIXES:
             image = read_dicom_image(p)
         else:
             image = read_raster(p)
+    if modality_options and "modality_adapter" not in image.meta:
+        raise ConfigError(
+            f"modality_options given for {p.name}, which no modality adapter reads",
+            expected="modality_options only for X-ray angiography or ultrasound .dcm files",
+            path=p,
+        )
     return _finite(image, nonfinite, p.name)
 
 

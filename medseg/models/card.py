@@ -29,6 +29,8 @@ class ModelCard:
         paper: citation with arXiv id.
         reference_params: parameter count of the paper's configuration (for tests and docs).
         reference_config: the keyword arguments that build the paper's configuration.
+        min_size: smallest spatial size per axis the network accepts (``None``: any multiple of ``divisible_by``),
+            e.g. where attention windows need feature maps of a minimum size.
     """
 
     name: str
@@ -46,6 +48,7 @@ class ModelCard:
     paper: str = ""
     reference_params: int | None = None
     reference_config: dict[str, Any] = field(default_factory=dict)
+    min_size: tuple[int, ...] | None = None
 
     def replace(self, **changes: Any) -> ModelCard:
         """Return a copy with ``changes`` applied (the card itself never changes)."""
@@ -61,8 +64,9 @@ class ModelCard:
         d = dict(data)
         for key in ("roi_size", "divisible_by", "label_names"):
             d[key] = tuple(d[key])
-        if d.get("target_spacing") is not None:
-            d["target_spacing"] = tuple(d["target_spacing"])
+        for key in ("target_spacing", "min_size"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         # JSON / YAML turn the tuples of builder kwargs into lists; restore them so a round trip compares equal.
         d["reference_config"] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in dict(d.get("reference_config") or {}).items()

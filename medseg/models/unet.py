@@ -39,10 +39,13 @@ from medseg.models.card import ModelCard
 from medseg.models.checks import check_input
 from medseg.models.registry import register_model
 
-__all__ = ["UNet", "unet"]
+__all__ = ["UNet", "unet", "unet2d"]
 
 _FILTERS = (32, 64, 128, 256, 320, 320)
 _STRIDES = (1, 2, 2, 2, 2, 2)
+#: nnU-Net's ``2d`` configuration for a 512^2 patch: 7 stages (6 downsamplings), filters 32 doubling to 512.
+_FILTERS_2D = (32, 64, 128, 256, 512, 512, 512)
+_STRIDES_2D = (1, 2, 2, 2, 2, 2, 2)
 _NORM = ("INSTANCE", {"affine": True})
 _ACT = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
 
@@ -114,6 +117,7 @@ class UNet(DynUNet):
             res_block=False,
         )
         self.divisible_by = tuple(math.prod(s[axis] for s in per_axis) for axis in range(spatial_dims))
+        self.name = "unet2d" if spatial_dims == 2 else "unet"  # the registry name, for error messages
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:  # type: ignore[override]
         """Segment ``x``.
@@ -131,7 +135,7 @@ class UNet(DynUNet):
         """
         check_input(
             x,
-            name="unet",
+            name=self.name,
             in_channels=self.in_channels,
             spatial_dims=self.spatial_dims,
             divisible_by=self.divisible_by,
@@ -139,7 +143,7 @@ class UNet(DynUNet):
         bottleneck = tuple(s // k for s, k in zip(x.shape[2:], self.divisible_by, strict=True))
         if math.prod(bottleneck) == 1:
             raise ModelInputError(
-                f"unet: input spatial shape {tuple(x.shape[2:])} leaves a single bottleneck voxel {bottleneck}, "
+                f"{self.name}: input spatial shape {tuple(x.shape[2:])} leaves a single bottleneck voxel {bottleneck}, "
                 "and InstanceNorm needs more than one",
                 expected=f"at least one axis twice its divisor {self.divisible_by}",
                 hint="use a larger patch (sliding-window inference with the card's roi_size)",
@@ -196,4 +200,56 @@ def unet(
         strides=tuple(strides),
         deep_supervision=deep_supervision,
         deep_supr_num=deep_supr_num,
+    )
+
+
+_CARD_2D = ModelCard(
+    name="unet2d",
+    task="segmentation",
+    spatial_dims=2,
+    in_channels=1,
+    out_channels=2,
+    roi_size=(512, 512),
+    divisible_by=(64, 64),
+    target_spacing=None,
+    intensity_preset="zscore",
+    label_names=("background", "foreground"),
+    paper="Isensee et al., nnU-Net (2d configuration), Nature Methods 2021 (arXiv:1809.10486); MONAI DynUNet",
+    reference_params=33_460_322,  # exact count of the default configuration at 1 in / 2 out
+    reference_config={"filters": _FILTERS_2D, "strides": _STRIDES_2D, "deep_supervision": False},
+)
+
+
+@register_model(_CARD_2D, tiny={"filters": (4, 8, 16, 32), "strides": (1, 2, 2, 2)})
+def unet2d(
+    in_channels: int,
+    out_channels: int,
+    filters: Sequence[int] = _FILTERS_2D,
+    strides: Sequence[int | Sequence[int]] = _STRIDES_2D,
+    deep_supervision: bool = False,
+    deep_supr_num: int = 3,
+) -> UNet:
+    """Build the 2D nnU-Net-like :class:`UNet` (``spatial_dims=2``); defaults are nnU-Net's ``2d`` topology for a
+    512^2 patch (filters 32..512, 6 downsamplings, so both axes must be multiples of 64).
+
+    Forward: ``(B, C_in, X, Y)`` -> logits ``(B, C_out, X, Y)``. Images and cines ``(C, X, Y, T)`` are segmented
+    frame by frame by the :class:`~medseg.inference.predictor.Predictor` (windows of depth 1, see
+    :mod:`medseg.inference.planar`).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (classes, background included).
+        filters: channels per stage.
+        strides: stride per stage (first 1); ``len(strides) - 1`` downsamplings.
+        deep_supervision: return auxiliary outputs in training mode.
+        deep_supr_num: number of auxiliary outputs.
+    """
+    return UNet(
+        in_channels,
+        out_channels,
+        filters=tuple(filters),
+        strides=tuple(strides),
+        deep_supervision=deep_supervision,
+        deep_supr_num=deep_supr_num,
+        spatial_dims=2,
     )

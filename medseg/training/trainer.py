@@ -32,12 +32,14 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.data.utils import worker_init_fn
+from monai.transforms import Compose, RandAffined
 from torch import nn
 
 from medseg.core.config import ExperimentConfig
 from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
+from medseg.inference.planar import FrameWise, frame_window
 from medseg.inference.rundir import RunDir, load_checkpoint, save_checkpoint
 from medseg.inference.sliding import WindowSettings, plain, sliding_window_probs
 from medseg.training import distributed
@@ -168,6 +170,8 @@ class Trainer:
         self.run = RunDir(Path(run_dir))
         self.device = pick_device(config.train.device)
         self.model = model.to(self.device)
+        # A 2D model trains on (B, C, X, Y, 1) patches of (C, X, Y, Z|T) images (medseg.inference.planar).
+        self.network: nn.Module = FrameWise(self.model) if self.card.spatial_dims == 2 else self.model
         self.progress = progress
         t = config.train
         self.train_ds, self.val_ds = self.build_datasets(train_cases, val_cases)
@@ -213,9 +217,12 @@ class Trainer:
         """Training dataset (random patches, foreground-oversampled) and validation dataset (whole images)."""
         t, d = self.cfg.train, self.cfg.data
         self.window = dataclasses.replace(WindowSettings.from_config(self.cfg, self.card), tta=False)
+        if self.card.spatial_dims == 2:
+            self.window = frame_window(self.window)
+        transform = training_transforms_for(d, self.card.intensity_preset, self.window.roi_size, t.fg_ratio)
         train_ds = CacheDataset(
             train_cases,
-            transform=training_transforms_for(d, self.card.intensity_preset, self.window.roi_size, t.fg_ratio),
+            transform=in_plane(transform) if self.card.spatial_dims == 2 else transform,
             progress=False,
         )
         val_ds = CacheDataset(
@@ -229,7 +236,7 @@ class Trainer:
         """Loss of one training batch."""
         image = plain(batch[IMAGE]).to(self.device, non_blocking=True)
         label = plain(batch[LABEL]).to(self.device, non_blocking=True)
-        return self.loss_fn(self.model(image), label)
+        return self.loss_fn(self.network(image), label)
 
     def collate(self, items: list[Any]) -> Any:
         """Collate function of the training loader."""
@@ -391,7 +398,7 @@ class Trainer:
             item = self.val_ds[i]
             image = plain(item[IMAGE])[None].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                probs = sliding_window_probs(self.model, image, self.window)
+                probs = sliding_window_probs(self.network, image, self.window)
             pred = probs.argmax(1, keepdim=True).cpu()
             label = plain(item[LABEL])[None].long()
             scores[i] = dice_per_label(pred, label, len(names))
@@ -403,6 +410,18 @@ class Trainer:
             "val_dice": {name: round(float(v), 4) for name, v in zip(names[1:], per_label, strict=True)},
             "val_mean_dice": round(float(per_label.mean()), 4),
         }
+
+
+def in_plane(transform: Compose) -> Compose:
+    """``transform`` with its random affine kept in the image plane, for 2D models training on ``(C, X, Y, 1)``
+    patches: rotation about the third axis only and no scaling along it (a tilt out of the plane would sample
+    outside the one-frame patch and leave it empty)."""
+    for step in transform.transforms:
+        if isinstance(step, RandAffined):
+            grid = step.rand_affine.rand_affine_grid
+            grid.rotate_range = (0.0, 0.0, *grid.rotate_range[2:3])
+            grid.scale_range = (*grid.scale_range[:2], 0.0)
+    return transform
 
 
 def _describe(record: dict[str, Any]) -> str:

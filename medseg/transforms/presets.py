@@ -15,6 +15,12 @@ trainer and the predictor use; the predictor maps its output back to the input g
   to the foreground 0.5 / 99.5 percentiles and z-score with the foreground mean and std, all taken from
   ``data.intensity`` (``medseg plan`` writes them from the dataset fingerprint, see ``docs/planning.md``), so the
   predictor applies exactly what training did (:class:`FingerprintCTNormalized`).
+* ``us``: ultrasound pixels are display-ready (log-compressed, gain applied), so no window: per channel, the 1st and
+  99th percentiles are mapped to 0 and 1 and the rest clipped (MONAI ``ScaleIntensityRangePercentiles``).
+* ``rgb_mean05_std05``: 8-bit RGB photographs (MedViTV2, MedMNIST): ``[0, 255]`` clipped and mapped to ``[-1, 1]``,
+  i.e. scaling to [0, 1] then ``(x - 0.5) / 0.5`` per channel. For channel-first ``(3, H, W)`` 2D images, which are
+  neither reoriented nor resampled: the classification transforms (:mod:`medseg.data.classification`) use it
+  through :func:`intensity`, never :func:`preprocessing`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
@@ -48,7 +55,9 @@ from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE, LABEL
 from medseg.transforms.io import LoadImaged
 
-PRESETS = ("ct", "mri", "zscore", "ct_fingerprint")
+PRESETS = ("ct", "mri", "zscore", "ct_fingerprint", "us", "rgb_mean05_std05")
+#: Presets of 2D photographs ``(C, H, W)``: no RAS orientation, no resampling (see :func:`preprocessing`).
+PHOTO_PRESETS = ("rgb_mean05_std05",)
 FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # medseg tensors are RAS
 
@@ -154,6 +163,10 @@ def intensity(
         return [NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True)]
     if preset == "zscore":
         return [ZScoreNormalized(IMAGE)]
+    if preset == "us":
+        return [ScaleIntensityRangePercentilesd(IMAGE, 1.0, 99.0, 0.0, 1.0, clip=True, channel_wise=True)]
+    if preset == "rgb_mean05_std05":
+        return [ScaleIntensityRanged(IMAGE, a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0, clip=True)]
     raise ConfigError(f"unknown intensity preset {preset!r}", expected=f"one of {PRESETS}")
 
 
@@ -181,6 +194,12 @@ def preprocessing(
     Returns:
         A ``Compose`` mapping ``{"image": path(s) | MetaTensor (C, X, Y, Z)[, "label": ...]}`` to tensors.
     """
+    if preset in PHOTO_PRESETS:
+        raise ConfigError(
+            f"the {preset} preset is for 2D photographs (C, H, W), not volumes",
+            expected=f"a volume preset, one of {[p for p in PRESETS if p not in PHOTO_PRESETS]}",
+            hint="classification models read images with medseg.data.classification's transforms",
+        )
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     steps: list = [LoadImaged(keys, allow_external_data=True)] if load else []  # dataset files on local disk

@@ -48,7 +48,15 @@ def _run_task(task: dict[str, Any], cache: dict[str, Any], conn: Connection) -> 
     conn.send(("progress", job_id, 0.4))
     prompts_file = source.parent / PROMPTS_FILE
     prompts = Prompts.from_json(json.loads(prompts_file.read_text())) if prompts_file.is_file() else None
-    prediction = model.predict(image, tta=task["tta"], prompts=prompts)
+    reported = [0.4]
+
+    def advance(done: int, total: int) -> None:  # windows (or slices) done: 0.4 .. 0.9, at most every 5 %
+        value = 0.4 + 0.5 * done / max(total, 1)
+        if value - reported[0] >= 0.05 or done == total:
+            reported[0] = value
+            conn.send(("progress", job_id, round(value, 3)))
+
+    prediction = model.predict(image, tta=task["tta"], prompts=prompts, progress=advance)
     conn.send(("progress", job_id, 0.9))
     path = write_result(
         prediction,

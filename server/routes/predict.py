@@ -14,10 +14,10 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from medseg.inference import Prediction
 from medseg.inference.prompts import Prompts
@@ -86,6 +86,46 @@ def _predict_locked(
         lock.release()
 
 
+def _classify_locked(request: Request, name: str, upload: Upload, deadline: float) -> dict[str, Any]:
+    store = request.app.state.models
+    model, lock = store.get(name), store.locks[name]
+    image = open_image(upload, request.app.state.settings)
+    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise busy(f"waiting for model {name!r}")
+    try:
+        return model.predict_class(image).to_dict()
+    finally:
+        lock.release()
+
+
+async def _classify(
+    request: Request, name: str, file: UploadFile, output: OutputFormat | None, deadline: float
+) -> JSONResponse:
+    """A classifier's answer: ``{"label", "label_name", "probabilities": {class: p}}`` as JSON."""
+    if output not in (None, OutputFormat.json):
+        raise ApiError(
+            422,
+            "UnsupportedOutput",
+            f"model {name!r} is a classifier: it answers JSON, not {output.value}",
+            hint="drop `output`, or ask for output=json",
+        )
+    upload = await receive_upload(file, request.app.state.settings)
+    try:
+        result = await in_thread(
+            functools.partial(_classify_locked, request, name, upload, deadline), deadline, "classification"
+        )
+        logger.info(
+            "%s classified %s with %s → %s",
+            getattr(request.state, "request_id", "?"),
+            upload.filename,
+            name,
+            result["label_name"],
+        )
+        return JSONResponse(result)
+    finally:
+        upload.cleanup()
+
+
 @router.get("/models", response_model=ModelList, summary="List the served models")
 async def list_models(request: Request) -> ModelList:
     store = request.app.state.models
@@ -148,6 +188,7 @@ async def predict(
     """Segment the uploaded image; the mask lands on the upload's exact voxel grid.
 
     Prompted models (``needs_prompts`` in their card) take a box and/or points in the JSON field ``prompts``.
+    Classifiers (``task`` ``classification`` in the listing) answer JSON ``{label, label_name, probabilities}``.
     """
     settings: Settings = request.app.state.settings
     deadline = time.monotonic() + settings.sync_timeout_s
@@ -156,6 +197,8 @@ async def predict(
     model = request.app.state.models.get(name)  # 404 with a suggestion before reading the upload
     prompts = parse_prompts(pick(prompts_q, prompts_f, None))
     model.check_prompts(prompts)  # 422 in the model's own words, before the upload is read
+    if model.task == "classification":
+        return await _classify(request, name, file, pick(output_q, output_f, None), deadline)
     upload = await receive_upload(file, settings)
     try:
         check_output(output, upload.is_dicom)

@@ -56,7 +56,7 @@ def prompted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_predictor_kind_fulfils_the_contract() -> None:
     from medseg.integrations.nnunet.results import NnUNetResultsPredictor
 
-    expected = ["self", "image", "prompts", "tta", "keep_probabilities"]
+    expected = ["self", "image", "prompts", "tta", "keep_probabilities", "progress"]
     for kind in (Predictor, PromptPredictor, NnUNetResultsPredictor):
         assert issubclass(kind, SegmentationPredictor)
         params = inspect.signature(kind.predict).parameters

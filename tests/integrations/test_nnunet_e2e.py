@@ -82,7 +82,8 @@ def test_predictor_matches_nnunet_validation_on_the_input_grid(
     np.testing.assert_allclose(np.asarray(nnunet_mask.affine), np.asarray(image.affine), atol=1e-5)
     np.testing.assert_array_equal(result.mask.numpy(), nnunet_mask.numpy()[0].astype(np.uint8))
     assert result.probabilities is not None and result.probabilities.shape == (3, *image.shape[1:])
-    torch.testing.assert_close(result.probabilities.sum(0), torch.ones(image.shape[1:]), atol=1e-4, rtol=0)
+    # float16 probabilities (half the memory of float32): the sums are 1 to float16 precision
+    torch.testing.assert_close(result.probabilities.float().sum(0), torch.ones(image.shape[1:]), atol=3e-3, rtol=0)
     assert [s.name for s in result.stats] == ["sphere", "box"]
 
     # The same image stored as NRRD (LPS on disk, read back to the same RAS grid) gives the same mask.
@@ -108,10 +109,14 @@ def test_nnunet_predict_command_with_medseg_trainer_agrees(trained: tuple[Path, 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     nnunet_mask = load_image(tmp_path / "out" / "case_03.nii.gz")
-    ours = NnUNetResultsPredictor.from_folder(folder, device="cpu").predict(
-        data / "imagesTr" / "case_03.nii.gz", tta=False
-    )
-    np.testing.assert_array_equal(ours.mask.numpy(), nnunet_mask.numpy()[0].astype(np.uint8))
+    case = data / "imagesTr" / "case_03.nii.gz"
+    reference = nnunet_mask.numpy()[0].astype(np.uint8)
+    # nnUNetPredictor end to end: the same mask, voxel for voxel.
+    native = NnUNetResultsPredictor.from_folder(folder, device="cpu", engine=False).predict(case, tta=False)
+    np.testing.assert_array_equal(native.mask.numpy(), reference)
+    # medseg's engine: the same windows, nnU-Net's float16 Gaussian and weight sums, the same export: the same mask.
+    ours = NnUNetResultsPredictor.from_folder(folder, device="cpu").predict(case, tta=False)
+    np.testing.assert_array_equal(ours.mask.numpy(), reference)
 
 
 def test_weights_that_do_not_fit_the_plans_are_listed(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:

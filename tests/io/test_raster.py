@@ -169,7 +169,7 @@ def test_dicom_colour_without_patient_geometry() -> None:
 
 def test_multi_frame_and_non_image_dicom_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"multi-frame images \(NumberOfFrames > 1\) are not supported"):
-        load_image(get_testdata_file("examples_ybr_color.dcm"))
+        load_image(get_testdata_file("emri_small.dcm"))
     with pytest.raises(DataError, match="SEG object, not an image"):
         load_image(get_testdata_file("liver_1frame.dcm"))
     with pytest.raises(DataError, match=r"MR_truncated.dcm: PixelData claims 8192 bytes but the file holds 8130"):

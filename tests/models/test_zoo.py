@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -22,7 +24,15 @@ def _small_shape(card: ModelCard) -> tuple[int, ...]:
     Prompted SAM models take exactly their square input size."""
     if card.needs_prompts:
         return tuple(card.roi_size)
-    return tuple(card.divisible_by[:-1]) + (2 * card.divisible_by[-1],)
+    low = card.min_size or card.divisible_by  # e.g. MedViTV2: multiples of 32, at least 128
+    side = [math.ceil(m / k) * k for m, k in zip(low, card.divisible_by, strict=True)]
+    side[-1] += card.divisible_by[-1]
+    return tuple(side)
+
+
+def _out_shape(card: ModelCard, batch: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Logits ``(B, C_out, *S)`` of a dense model, ``(B, C_out)`` of a classifier."""
+    return (batch, card.out_channels) if card.task == "classification" else (batch, card.out_channels, *shape)
 
 
 def _call(model: nn.Module, x: Tensor) -> Tensor | list[Tensor]:
@@ -61,7 +71,7 @@ def test_forward_backward(tiny_model: tuple[str, nn.Module]) -> None:
         coords = torch.tensor([[[shape[1] / 2, shape[0] / 2], [2.0, 2.0]]]).repeat(2, 1, 1)
         outputs = [*outputs, model(x, points=(coords, torch.tensor([[1, 0]]).repeat(2, 1)))]
     for y in outputs:
-        assert y.shape == (2, card.out_channels, *shape), name
+        assert y.shape == _out_shape(card, 2, shape), name
         assert torch.isfinite(y).all(), name
     sum(y.float().mean() for y in outputs).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -106,7 +116,7 @@ def test_overridden_channels_reach_model_and_card(tiny_model: tuple[str, nn.Modu
     assert (model.card.in_channels, model.card.out_channels) == (2, 5)
     shape = _small_shape(model.card)
     with torch.no_grad():
-        assert _first(model(torch.randn(1, 2, *shape))).shape == (1, 5, *shape)
+        assert _first(model(torch.randn(1, 2, *shape))).shape == _out_shape(model.card, 1, shape)
 
 
 def test_rejects_indivisible_input(tiny_model: tuple[str, nn.Module]) -> None:

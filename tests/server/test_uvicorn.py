@@ -121,8 +121,11 @@ def pid_gone(pid: int) -> bool:
     return state == "Z"
 
 
-def write_image(path: Path, shape: tuple[int, int, int] = (32, 28, 36), zeros: bool = False) -> Path:
-    data = np.zeros(shape, np.float32) if zeros else make_case(np.random.default_rng(5), shape)[0]
+def write_image(path: Path, shape: tuple[int, int, int] = (32, 28, 36), constant: float | None = None) -> Path:
+    if constant is not None:
+        data = np.full(shape, constant, np.float32)
+    else:
+        data = make_case(np.random.default_rng(5), shape)[0]
     save_image(MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(tiny_affine())), path)
     return path
 
@@ -162,7 +165,8 @@ def live(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def slow_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image(tmp_path_factory.mktemp("slow") / "slow.nii.gz", (256, 256, 256), zeros=True)
+    # Constant and non-zero: every window runs (the foreground box is the whole image), and it is cheap to write.
+    return write_image(tmp_path_factory.mktemp("slow") / "slow.nii.gz", (256, 256, 256), constant=100.0)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +241,7 @@ def test_kill9_during_a_job_then_restart_loses_no_job(models_dir: Path, tmp_path
     data = tmp_path / "data"
     server = start_server(models_dir, data)
     try:
-        running = submit(server, write_image(tmp_path / "mid.nii.gz", (96, 96, 96), zeros=True)).json()["id"]
+        running = submit(server, write_image(tmp_path / "mid.nii.gz", (96, 96, 96), constant=100.0)).json()["id"]
         queued = submit(server, write_image(tmp_path / "small.nii.gz"), output="json").json()["id"]
         deadline = time.monotonic() + 90
         while (status := server.client.get(f"{server.url}/v1/jobs/{running}").json())["progress"] < 0.4:

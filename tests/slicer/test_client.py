@@ -172,7 +172,8 @@ def test_job_lifecycle_with_progress(client: MedSegClient, volume: tuple[Path, n
 
 
 def test_job_cancelled_midway(client: MedSegClient, tmp_path: Path) -> None:
-    slow = write_nrrd(tmp_path / "slow.nrrd", np.zeros((128, 128, 128), np.float32), tiny_affine())
+    # Constant and non-zero: the foreground box is the whole image, so every window runs.
+    slow = write_nrrd(tmp_path / "slow.nrrd", np.full((128, 128, 128), 100.0, np.float32), tiny_affine())
     states: list[str] = []
     result = client.run_job(
         "tiny",

@@ -27,12 +27,23 @@ def open_results_folder(
     checkpoint: str = "checkpoint_final.pth",
     tta: bool = True,
     tile_step_size: float = 0.5,
+    backend: str | None = None,
+    precision: str | None = None,
+    engine: bool = True,
 ) -> SegmentationPredictor:
     """See :meth:`medseg.integrations.nnunet.results.NnUNetResultsPredictor.from_folder`."""
     from medseg.integrations.nnunet.results import NnUNetResultsPredictor
 
     return NnUNetResultsPredictor.from_folder(
-        root, fold=fold, checkpoint=checkpoint, device=device, tta=tta, tile_step_size=tile_step_size
+        root,
+        fold=fold,
+        checkpoint=checkpoint,
+        device=device,
+        tta=tta,
+        tile_step_size=tile_step_size,
+        backend=backend or "torch",
+        precision=precision or "auto",
+        engine=engine,
     )
 
 

@@ -34,9 +34,10 @@ from monai.data import MetaTensor
 
 from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, WeightsError
-from medseg.inference.contract import SegmentationPredictor
+from medseg.inference.contract import Progress, SegmentationPredictor
 from medseg.inference.prediction import Prediction
 from medseg.inference.prompts import Prompts
+from medseg.integrations.nnunet.engine import NnUNetEngine
 from medseg.integrations.nnunet.shim import ensure_nnunet_importable
 from medseg.io import load_image, spacing_from_affine
 from medseg.models import ModelCard
@@ -69,11 +70,14 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         >>> save_mask(result.mask, result.image, "case_mask.nii.gz")
     """
 
-    def __init__(self, predictor: Any, card: ModelCard, folder: Path, *, tta: bool = True) -> None:
+    def __init__(
+        self, predictor: Any, card: ModelCard, folder: Path, *, tta: bool = True, engine: NnUNetEngine | None = None
+    ) -> None:
         self._predictor = predictor
         self.card = card
         self.folder = folder
         self.tta = tta
+        self.engine = engine
         self._reader = predictor.plans_manager.image_reader_writer_class.__name__
 
     @property
@@ -91,6 +95,9 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         device: str = "auto",
         tta: bool = True,
         tile_step_size: float = 0.5,
+        precision: str = "auto",
+        backend: str = "torch",
+        engine: bool = True,
     ) -> NnUNetResultsPredictor:
         """Load an nnU-Net v2 results folder (any trainer; medseg's STU-Net trainers included).
 
@@ -101,6 +108,11 @@ class NnUNetResultsPredictor(SegmentationPredictor):
             device: ``auto``, ``cpu`` or ``cuda``.
             tta: default mirroring test-time augmentation (overridable per :meth:`predict` call).
             tile_step_size: sliding-window step as a fraction of the patch (nnU-Net's default 0.5).
+            precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``; see
+                :class:`medseg.inference.backends.Backend`).
+            backend: ``torch`` or ``openvino``.
+            engine: run windows and export through medseg's engine (memory-bounded, same masks); ``False``:
+                ``nnUNetPredictor`` end to end.
 
         Raises:
             ConfigError: the folder, ``plans.json`` or ``dataset.json`` is missing or unreadable, the configuration
@@ -182,7 +194,24 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         card = _card(root, plans_manager, configuration_manager, label_manager, dataset_json, network, num_in, num_out)
         card = card.replace(paper=_paper(trainer_name))
         logger.info("loaded nnU-Net model %s (trainer %s, folds %s) from %s", card.name, trainer_name, folds, root)
-        return cls(predictor, card, root, tta=tta)
+        fast = None
+        if engine and NnUNetEngine.supported(predictor):
+            fast = NnUNetEngine(
+                predictor,
+                torch_device,
+                in_channels=int(num_in),
+                tile_step_size=tile_step_size,
+                precision=precision,
+                backend=backend,
+                cache_dir=root / "cache",
+            )
+        elif backend != "torch" or precision not in ("auto", "fp32"):
+            raise ConfigError(
+                f"backend {backend!r} / precision {precision!r} need medseg's engine, which these plans cannot use "
+                "(region labels or a non-default resampling)",
+                expected="backend torch, precision auto",
+            )
+        return cls(predictor, card, root, tta=tta, engine=fast)
 
     def predict(
         self,
@@ -191,6 +220,7 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         prompts: Prompts | None = None,
         tta: bool | None = None,
         keep_probabilities: bool = False,
+        progress: Progress | None = None,
     ) -> Prediction:
         """Segment one image with nnU-Net's pipeline; the mask lies on the input's exact voxel grid.
 
@@ -199,6 +229,7 @@ class NnUNetResultsPredictor(SegmentationPredictor):
             prompts: must be ``None`` (nnU-Net models take no prompts).
             tta: mirroring test-time augmentation (default: the predictor's ``tta``).
             keep_probabilities: also return the class probabilities ``(C_out, X, Y, Z)`` on the input grid.
+            progress: called with ``(windows_done, windows_total)`` (engine path only).
 
         Returns:
             A :class:`~medseg.inference.Prediction` (mask ``(X, Y, Z)`` with the input's affine).
@@ -210,10 +241,22 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         original = image if isinstance(image, MetaTensor) else load_image(image)
         self.check_image(original)
         data, spacing, undo = self._to_nnunet(original)
-        self._predictor.use_mirroring = self.tta if tta is None else tta
-        seg, probs = self._predictor.predict_single_npy_array(data, {"spacing": spacing}, None, None, True)
-        labels = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(seg)[None])[0]))
-        probabilities = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(probs)))) if keep_probabilities else None
+        mirror = self.tta if tta is None else tta
+        probabilities = None
+        if self.engine is not None:
+            seg, probs = self.engine.predict(
+                data, spacing, tta=mirror, keep_probabilities=keep_probabilities, progress=progress
+            )
+            labels = torch.from_numpy(np.ascontiguousarray(undo(seg[None])[0]))
+            if probs is not None:
+                probabilities = torch.from_numpy(np.ascontiguousarray(undo(probs.numpy())))
+        else:
+            self._predictor.use_mirroring = mirror
+            out = self._predictor.predict_single_npy_array(data, {"spacing": spacing}, None, None, keep_probabilities)
+            seg = out[0] if keep_probabilities else out
+            labels = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(seg)[None])[0]))
+            if keep_probabilities:
+                probabilities = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(out[1]))))
         return Prediction.on_input_grid(labels, original, self.label_names, probabilities)
 
     def _to_nnunet(self, image: MetaTensor) -> tuple[np.ndarray, list[float], Any]:
