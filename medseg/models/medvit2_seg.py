@@ -28,14 +28,13 @@ from torch import Tensor, nn
 from medseg.models.card import ModelCard
 from medseg.models.medvit2 import (
     DIVISOR,
-    INTENSITY_PRESET,
     MEDVIT2_VARIANTS,
-    MIN_SIZE,
     PAPER,
     TINY,
     MedViT,
     MedViTConfig,
 )
+from medseg.models.medvit2 import _card as classifier_card
 from medseg.models.registry import register_model
 
 __all__ = ["FPNDecoder", "MedViTSeg"]
@@ -122,20 +121,13 @@ SEG_TINY = {**TINY, "decoder_dim": 16}
 
 
 def _card(variant: str) -> ModelCard:
-    return ModelCard(
+    return classifier_card(variant).replace(
         name=f"medvit2_seg_{variant}",
         task="segmentation",
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=2,
-        roi_size=(224, 224),
-        divisible_by=(DIVISOR, DIVISOR),
-        target_spacing=None,
-        intensity_preset=INTENSITY_PRESET,
         label_names=("background", "foreground"),
         paper=f"{PAPER} (encoder; the FPN decoder is medseg's own, not from the paper)",
         reference_params=SEG_REFERENCE_PARAMS[variant],
-        min_size=(MIN_SIZE, MIN_SIZE),
+        reference_config={},
     )
 
 

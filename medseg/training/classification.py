@@ -272,6 +272,8 @@ class ClassificationTrainer(Trainer):
             the model refuses.
     """
 
+    best_key = "val_accuracy"
+
     family: ClassVar[str] = "2D image classification (cross-entropy on whole images)"
     unused_settings: ClassVar[tuple[str, ...]] = (
         "data.spacing",  # photographs are not resampled, only resized to model.roi_size
@@ -371,18 +373,6 @@ class ClassificationTrainer(Trainer):
         labels, probs = self.predict_dataset(self.val_ds)
         self.last_val = classification_metrics(labels, probs, self.class_names)
         return {f"val_{k}": _round(self.last_val[k]) for k in VAL_METRICS}
-
-    def _update_best(self, record: dict[str, Any]) -> bool:
-        if "val_accuracy" in record:
-            metric = record["val_accuracy"]
-        elif not len(self.val_ds):
-            metric = -record["train_loss"]
-        else:
-            return False
-        if self.best_metric is None or metric > self.best_metric:
-            self.best_metric, self.best_epoch = metric, self.epoch
-            return True
-        return False
 
     def fit(self) -> ClassificationTrainResult:
         """Train until ``train.epochs``; then score the test images (if any) with ``best.pt``."""

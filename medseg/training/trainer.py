@@ -313,9 +313,12 @@ class Trainer:
             self.run.root, self.epoch, self.step, self.best_metric, self.best_epoch, time.perf_counter() - start
         )
 
+    #: The validation record key that decides ``best.pt`` (higher is better).
+    best_key = "val_mean_dice"
+
     def _update_best(self, record: dict[str, Any]) -> bool:
-        if "val_mean_dice" in record:
-            metric = record["val_mean_dice"]
+        if self.best_key in record:
+            metric = record[self.best_key]
         elif not len(self.val_ds):
             metric = -record["train_loss"]
         else:
