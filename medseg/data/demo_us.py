@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from medseg.core.errors import ConfigError
+from medseg.data.demo_xa import phantom_cine_dataset
 from medseg.io import load_image, save_image, save_mask
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ __all__ = ["LABEL_NAMES", "USCine", "USSettings", "render_us_cine", "write_us_da
 
 LABEL_NAMES = ("background", "chamber")
 US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
-_UID_ROOT = "1.2.826.0.1.3680043.10.1436."
 
 
 @dataclass(frozen=True)
@@ -156,26 +155,8 @@ def write_us_dicom(path: str | Path, cine: USCine, pixel_cm: float = 0.03, frame
     """Write ``cine`` as a US Multi-frame Image (MONOCHROME2) with one 2D tissue region (the fan's box, in cm)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = Dataset()
-    ds.SOPClassUID = US_MULTIFRAME_STORAGE
-    ds.SOPInstanceUID = generate_uid(_UID_ROOT)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = US_MULTIFRAME_STORAGE
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(_UID_ROOT), generate_uid(_UID_ROOT)
-    ds.Modality = "US"
-    ds.PatientID = "phantom"
-    ds.SeriesNumber = 1
-    n, rows, cols = cine.frames.shape
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.NumberOfFrames = n
-    ds.FrameTime = f"{frame_time_ms:g}"
-    ds.FrameIncrementPointer = 0x00181063
+    ds = phantom_cine_dataset(US_MULTIFRAME_STORAGE, "US", cine.frames.shape, bits=8, frame_time_ms=frame_time_ms)
+    cols = cine.frames.shape[2]
     x0, y0, x1, y1 = cine.box
     item = Dataset()
     item.RegionSpatialFormat = 1

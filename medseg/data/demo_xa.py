@@ -210,6 +210,34 @@ def render_xa_run(settings: XASettings, seed: int) -> XARun:
     return XARun(frames, moved[2], mask_frames[-4:], settings.shift)
 
 
+def phantom_cine_dataset(
+    sop_class: str, modality: str, shape: tuple[int, ...], *, bits: int, frame_time_ms: float
+) -> Dataset:
+    """A monochrome multi-frame phantom dataset without pixels: UIDs, file meta, ``shape (T, rows, columns)``,
+    ``bits`` unsigned, a constant Frame Time."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid(_UID_ROOT)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(_UID_ROOT), generate_uid(_UID_ROOT)
+    ds.Modality = modality
+    ds.PatientID = "phantom"
+    ds.SeriesNumber = 1
+    n, rows, cols = shape
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.NumberOfFrames = n
+    ds.FrameTime = f"{frame_time_ms:g}"
+    ds.FrameIncrementPointer = 0x00181063
+    return ds
+
+
 def write_xa_dicom(path: str | Path, frames: np.ndarray, pixel_mm: float = 0.3, frame_time_ms: float = 66.7) -> Path:
     """Write ``frames (T, rows, columns)`` uint16 as a single-plane XA Image (``LIN``, no mask items).
 
@@ -218,26 +246,7 @@ def write_xa_dicom(path: str | Path, frames: np.ndarray, pixel_mm: float = 0.3, 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = Dataset()
-    ds.SOPClassUID = XA_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid(_UID_ROOT)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = XA_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(_UID_ROOT), generate_uid(_UID_ROOT)
-    ds.Modality = "XA"
-    ds.PatientID = "phantom"
-    ds.SeriesNumber = 1
-    n, rows, cols = frames.shape
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.NumberOfFrames = n
-    ds.FrameTime = f"{frame_time_ms:g}"
-    ds.FrameIncrementPointer = 0x00181063
+    ds = phantom_cine_dataset(XA_IMAGE_STORAGE, "XA", frames.shape, bits=16, frame_time_ms=frame_time_ms)
     ds.PixelIntensityRelationship = "LIN"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
     ds.ImagerPixelSpacing = [f"{pixel_mm:g}", f"{pixel_mm:g}"]
