@@ -3,7 +3,8 @@
 Trains the demo (``medseg demo``: SegFormer3D on the MNI152 brain-tissue task) unless ``--run`` points at an existing
 demo run, then predicts the two held-out subjects with medseg's engine under every setting: mirror subsets (none,
 one axis, two axes, all three = nnU-Net's 8 passes), float32 and bf16 (where the CPU runs it natively), PyTorch and
-OpenVINO. Prints per setting: passes per window, seconds per subject, mean Dice (GM, WM) and its difference from the
+OpenVINO (bf16 and OpenVINO: no mirroring, the default subset x, and all axes). Prints per setting: passes per
+window, seconds per subject, mean Dice (GM, WM) and its difference from the
 float32 full-mirroring reference; a setting is acceptable when it stays within 0.005 Dice of it.
 
 Usage::
@@ -65,7 +66,7 @@ def main() -> None:
     try:
         import openvino  # noqa: F401
 
-        settings.append(("openvino", "fp32"))
+        settings += [("openvino", "fp32")] + ([("openvino", "bf16")] if info.native_bf16 else [])
     except ImportError:
         pass
     rows = []
@@ -75,7 +76,7 @@ def main() -> None:
         window = predictor.window  # type: ignore[attr-defined]
         for name, axes in reversed(SUBSETS.items()):  # "all" first: the reference
             if backend != "torch" or precision != "fp32":
-                if name not in ("none", "all"):
+                if name not in ("none", "x", "all"):  # x: the default subset (infer.tta_axes [0])
                     continue
             engine = window.engine(tta=axes is not None)
             if axes is not None:

@@ -92,6 +92,22 @@ def train(
             "gloo on CPU). train.batch_size stays the global batch.",
         ),
     ] = 1,
+    no_plan: Annotated[
+        bool,
+        typer.Option(
+            "--no-plan",
+            help="Do not plan from the dataset: use the --config file (or the model card's defaults) as it is. "
+            "Without it, the settings the file leaves out (spacing, preset, patch, batch, fg_ratio) are planned.",
+        ),
+    ] = False,
+    configuration: Annotated[
+        str,
+        typer.Option("--configuration", help="Plan configuration: auto, 3d_fullres, 3d_lowres or 2d."),
+    ] = "auto",
+    memory_gib: Annotated[
+        float | None,
+        typer.Option("--memory-gib", min=0.01, help="Plan: memory budget of one training step (GiB)."),
+    ] = None,
 ) -> None:
     """Train a model on a dataset folder into a run directory (prompted SAM models train on box prompts)."""
     if nproc > 1:
@@ -101,7 +117,19 @@ def train(
 
     if model is None and config is None and not resume:  # a resumed run keeps its own model
         model = "segformer3d"
-    request = TrainRequest(data, model, config, epochs, out, resume, not no_progress, tuple(pretrained or ()))
+    request = TrainRequest(
+        data,
+        model,
+        config,
+        epochs,
+        out,
+        resume,
+        not no_progress,
+        tuple(pretrained or ()),
+        plan=not no_plan,
+        configuration=configuration,
+        memory_gib=memory_gib,
+    )
     result = run_train(request)
     if _torchrun_rank() > 0:  # rank 0 reports for all
         return
@@ -151,7 +179,11 @@ def predict(
         ),
     ],
     inputs: Annotated[
-        list[Path], typer.Argument(help="Images: NIfTI, NRRD, MHA, DICOM folder or zip, PNG/TIFF/JPEG, 2D DICOM.")
+        list[Path],
+        typer.Argument(
+            help="Images: NIfTI, NRRD, MHA, DICOM folder or zip, PNG/TIFF/JPEG, 2D DICOM; whole slides (.svs, .ndpi, "
+            ".mrxs, .scn, pyramidal .tif) give slide-level outputs in <out>/<case>_slide/."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
@@ -195,6 +227,22 @@ def predict(
         str | None,
         typer.Option("--precision", help="Dense models: auto, fp32, bf16 (CPUs with native bf16) or fp16 (CUDA)."),
     ] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option("--mpp", min=0.01, help="Whole slides: microns per pixel of the tiles (default: the run's, 0.5)."),
+    ] = None,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option("--slide-mpp", min=0.01, help="Whole slides: level-0 microns per pixel when the file has none."),
+    ] = None,
+    save_probabilities: Annotated[
+        str | None,
+        typer.Option(
+            "--save-probabilities",
+            help="Dense 3D models: also write per-class probabilities on the input grid, uint8 (<case>_prob_<class>"
+            ".nii, p x 255) or float16 (.npy), written slab by slab; none: masks only (default: the run's).",
+        ),
+    ] = None,
 ) -> None:
     """Segment images; masks land on each input's exact voxel grid. Prompted models (db_sam, sam_unet_*) need
     --box and/or --point; 3D volumes are segmented slice by slice over the slices a 3D box spans. A folder of image
@@ -212,6 +260,9 @@ def predict(
         skip_existing=skip_existing,
         backend=backend,
         precision=precision,
+        target_mpp=mpp,
+        slide_mpp=slide_mpp,
+        save_probabilities=save_probabilities,
     )
     if ray or ray_address:
         from pipelines.ray_predict import predict_with_ray
@@ -233,6 +284,10 @@ def predict(
     configure_threads()  # intra-op threads = physical cores, once
     cases = run_predict(run, inputs, out, settings, show_progress=not no_progress)
     for case in cases:
+        if "tiles_total" in case.stats:  # a whole slide: its tiles and output folder
+            st = case.stats
+            console.print(f"{case.input} → {case.mask}/  ({st['task']}, {st['tiles']} tiles)", markup=False)
+            continue
         if "label_name" in case.stats:  # a classifier: the class and its probability
             p = case.stats["probabilities"][case.stats["label_name"]]
             console.print(f"{case.input} → {case.stats['label_name']} (p = {p:.3f}), {case.mask}", markup=False)
@@ -306,6 +361,14 @@ def plan(
         float | None, typer.Option("--memory-gib", min=0.01, help="Memory budget of one training step (GiB).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="plan.json path (default DATA/plan.json).")] = None,
+    configuration: Annotated[
+        str,
+        typer.Option(
+            "--configuration",
+            help="auto (2d for 2D models, else 3d_fullres), 3d_fullres, 3d_lowres (nnU-Net's low-resolution rule) "
+            "or 2d.",
+        ),
+    ] = "auto",
 ) -> None:
     """Fingerprint a dataset and plan training of a model on it: spacing, normalisation, patch, batch."""
     from pipelines.plan import PlanRequest
@@ -313,7 +376,7 @@ def plan(
 
     if device not in ("cpu", "cuda", "auto"):
         raise typer.BadParameter(f"--device {device!r}: expected cpu, cuda or auto")
-    result, path = run_plan(PlanRequest(data, model, device, memory_gib, out))
+    result, path = run_plan(PlanRequest(data, model, device, memory_gib, out, configuration=configuration))
     table = Table(title=f"plan for {result.model} on {result.dataset}")
     table.add_column("setting", no_wrap=True)
     table.add_column("value")
@@ -419,7 +482,11 @@ def demo(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo run in --out.")] = False,
     task: Annotated[
-        str, typer.Option("--task", help="brain (SegFormer3D on MNI152), angiography or ultrasound (unet2d).")
+        str,
+        typer.Option(
+            "--task",
+            help="brain (SegFormer3D on MNI152), angiography or ultrasound (unet2d), histology (MedViTV2-tiny).",
+        ),
     ] = "brain",
 ) -> None:
     """Train SegFormer3D on MNI152 brain tissue (or unet2d on generated XA / US DICOM) and segment held-out cases."""
@@ -428,6 +495,21 @@ def demo(
 
     if task not in DEMO_TASKS:
         raise ConfigError(f"--task {task!r} is not a demo task", expected=f"one of {', '.join(DEMO_TASKS)}")
+    if task == "histology":
+        from pipelines.demo import HistologyDemoSize, run_histology_demo
+
+        out = out if out != Path("runs/demo") else Path("runs/demo_histology")
+        size = HistologyDemoSize() if epochs is None else HistologyDemoSize(epochs=epochs)
+        result = run_histology_demo(out, size=size, show_progress=not no_progress, force=force)
+        ev = result.evaluation
+        console.print(
+            f"held-out tiles ({ev['source']}, {ev['n']} tiles): accuracy {ev['accuracy']:.4f}, "
+            f"AUROC {_fmt(ev['auroc'])}, balanced accuracy {ev['balanced_accuracy']:.4f}"
+        )
+        console.print(f"demo finished in {result.seconds:.0f} s. Results in {result.run_dir}/:")
+        console.print(f"  heatmap overlay: {result.overlays[0]}   heatmap TIFF: {result.masks[0]}")
+        console.print(f"  report:   {ev['path']}")
+        return
     if task != "brain":
         out = out if out != Path("runs/demo") else Path(f"runs/demo_{task}")
         size = ModalityDemoSize() if epochs is None else ModalityDemoSize(epochs=epochs)

@@ -32,6 +32,7 @@ class PlanRequest:
         out: where to write ``plan.json`` (default: the dataset folder).
         fingerprint: fingerprint cache file (default: ``medseg_fingerprint.json`` in the dataset folder).
         model_kwargs: builder keyword arguments (``model.kwargs``).
+        configuration: ``auto``, ``3d_fullres``, ``3d_lowres`` or ``2d`` (:data:`medseg.training.plan.CONFIGURATIONS`).
     """
 
     data: Path
@@ -41,6 +42,7 @@ class PlanRequest:
     out: Path | None = None
     fingerprint: Path | None = None
     model_kwargs: dict[str, Any] | None = None
+    configuration: str = "auto"
 
 
 def verified_manifest(data: Path) -> Manifest:
@@ -58,10 +60,15 @@ def plan_dataset(
     memory_gib: float | None = None,
     fingerprint: Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    **fixed: Any,
 ) -> Plan:
-    """Fingerprint (from the cache when the files are unchanged) and plan ``model`` on ``manifest``."""
+    """Fingerprint (from the cache when the files are unchanged) and plan ``model`` on ``manifest``.
+
+    ``fixed`` goes to :func:`medseg.training.plan.make_plan`: ``configuration``, and ``spacing`` / ``patch_size`` /
+    ``batch_size`` a config file sets.
+    """
     fp = load_or_compute_fingerprint(manifest, fingerprint)
-    return make_plan(fp, model, device=device, memory_gib=memory_gib, model_kwargs=model_kwargs)
+    return make_plan(fp, model, device=device, memory_gib=memory_gib, model_kwargs=model_kwargs, **fixed)
 
 
 def write_plan(plan: Plan, path: Path, sources: dict[str, str] | None = None) -> Path:
@@ -84,6 +91,7 @@ def plan(req: PlanRequest) -> tuple[Plan, Path]:
         memory_gib=req.memory_gib,
         fingerprint=req.fingerprint,
         model_kwargs=req.model_kwargs,
+        configuration=req.configuration,
     )
     out = req.out if req.out is not None else manifest.root / PLAN_FILE
     if out.is_dir():

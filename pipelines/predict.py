@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from medseg.inference.contract import SegmentationPredictor
 from medseg.inference.prompts import Box, PromptObject, Prompts
 from medseg.io import load_image, save_mask
 from medseg.io.geometry import spacing_from_affine
+from medseg.io.slide import SLIDE_SUFFIXES, is_slide_file
 from medseg.training.classification import classification_metrics
 from medseg.training.metrics import case_metrics, summarize
 from medseg.transforms.io import LoadImage
@@ -57,6 +60,11 @@ class PredictSettings:
         skip_existing: leave a case alone when its mask and statistics are already in the output folder.
         backend: network backend of dense models (``torch`` or ``openvino``; ``None``: the run's ``infer.backend``).
         precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``; ``None``: the run's).
+        target_mpp: whole slides: microns per pixel of the tiles (``None``: the run's, else 0.5).
+        slide_mpp: whole slides: level-0 microns per pixel, for slides that do not say.
+        save_probabilities: dense 3D models: also write per-class probabilities (``uint8`` or ``float16``) as
+            ``<case>_prob_<class>.nii|.npy`` plus ``<case>_prob.json``; ``None``: the run's
+            ``infer.save_probabilities``.
     """
 
     tta: bool | None = None
@@ -68,6 +76,9 @@ class PredictSettings:
     skip_existing: bool = False
     backend: str | None = None
     precision: str | None = None
+    target_mpp: float | None = None
+    slide_mpp: float | None = None
+    save_probabilities: str | None = None
 
     def open_options(self) -> dict[str, Any]:
         """The options :func:`medseg.open_predictor` takes from these settings (only those given)."""
@@ -76,6 +87,11 @@ class PredictSettings:
     def __post_init__(self) -> None:
         if self.fmt not in SUFFIXES:
             raise DataError(f"unknown output format {self.fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
+        if self.save_probabilities not in (None, "none", "uint8", "float16"):
+            raise DataError(
+                f"--save-probabilities {self.save_probabilities!r} is not a probability type",
+                expected="uint8, float16 or none",
+            )
 
 
 def predict(
@@ -101,10 +117,12 @@ def predict(
     predictor = predictor or open_predictor(run, **s.open_options())
     predictor.check_prompts(s.prompts)
     out.mkdir(parents=True, exist_ok=True)
+    slides = [p for p in cases if is_slide_file(p)]
+    written = [c for c in (slide_case(predictor, p, out, s, show_progress) for p in slides) if c is not None]
+    cases = [p for p in cases if p not in slides]
     if predictor.task == "classification":
         found = (classify_case(predictor, path, out, s) for path in _track(cases, "classifying", show_progress))
-        return [case for case in found if case is not None]
-    written = []
+        return written + [case for case in found if case is not None]
     for path in _track(cases, "predicting", show_progress):
         case = predict_case(predictor, path, out, s)
         if case is not None:
@@ -124,13 +142,86 @@ def predict_case(
         logger.info("%s: outputs exist, skipped", path)
         return None
     image = load_image(path, allow_external_data=settings.allow_external_data)
-    result = predictor.predict(image, tta=settings.tta, prompts=settings.prompts)
+    extra: dict[str, Any] = {}
+    probabilities = _probability_output(predictor, out / f"{case_name(path)}_prob", settings)
+    if probabilities is not None:
+        extra["probabilities_out"] = probabilities
+    result = predictor.predict(image, tta=settings.tta, prompts=settings.prompts, **extra)
     mask_path = save_mask(result.mask, result.image, mask_target)
     stats = result.stats_dict()
+    if probabilities is not None:
+        stats["probabilities"] = str(probabilities.prefix.with_name(f"{probabilities.prefix.name}.json"))
     with atomic_open(stats_target) as fh:  # written last: its presence means the case is complete
         json.dump(stats, fh, indent=2)
     logger.info("%s → %s", path, mask_path)
     return PredictedCase(path, mask_path, stats)
+
+
+def _probability_output(predictor: Any, prefix: Path, settings: PredictSettings) -> Any:
+    """The :class:`~medseg.inference.gridmap.ProbabilityOutput` asked for (option, else the run's), or ``None``."""
+    from medseg.core.errors import ConfigError
+    from medseg.inference.gridmap import ProbabilityOutput
+    from medseg.inference.predictor import Predictor
+
+    config = getattr(predictor, "config", None)
+    dtype = settings.save_probabilities or (config.infer.save_probabilities if config is not None else "none")
+    if dtype in (None, "none"):
+        return None
+    if not isinstance(predictor, Predictor):
+        raise ConfigError(
+            f"--save-probabilities is not available for {type(predictor).__name__}",
+            expected="a run directory of a dense model",
+            hint="leave out --save-probabilities",
+        )
+    return ProbabilityOutput(prefix, dtype)
+
+
+def slide_case(
+    predictor: Any, path: Path, out: Path, settings: PredictSettings, show_progress: bool = False
+) -> PredictedCase | None:
+    """Predict a whole slide into ``out/<case>_slide/`` (:func:`medseg.data.slide_inference.predict_slide_file`), then
+    write ``out/<case>_slide.json`` (the summary) last. ``None`` when skipped.
+
+    The folder is filled under a temporary name and renamed when complete, so a reader never sees half of it; a
+    classifier writes ``overlay.png``, ``heatmap.ome.tif``, ``heatmap.npy`` and ``tiles.json`` (per-tile
+    probabilities), a segmentation model ``labels.ome.tif``, ``contours.geojson`` and ``overlay.png``.
+    """
+    from medseg.data.slide_inference import predict_slide_file
+    from medseg.io.slide import MissingMppError
+    from pipelines.progress import CountProgress
+
+    name = path.name[: -len(path.suffix)] if path.suffix.lower() in SLIDE_SUFFIXES else case_name(path)
+    folder, marker = out / f"{name}_slide", out / f"{name}_slide.json"
+    if settings.skip_existing and marker.is_file() and folder.is_dir():
+        logger.info("%s: outputs exist, skipped", path)
+        return None
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}_slide.partial-", dir=out))
+    try:
+        with CountProgress(f"tiles of {path.name}", enabled=show_progress) as bar:
+            result = predict_slide_file(
+                predictor, path, partial, target_mpp=settings.target_mpp, slide_mpp=settings.slide_mpp,
+                progress=bar.update,
+            )  # fmt: skip
+    except MissingMppError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(
+            err.what, expected=err.expected, hint="pass --slide-mpp (level-0 microns per pixel: 0.25 at 40x, 0.5 at "
+            "20x) if you know the scanner's", path=path,
+        ) from None  # fmt: skip
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
+    result.files = {key: folder / p.name for key, p in result.files.items()}
+    stats = {"input": str(path), "folder": str(folder), **result.to_dict()}
+    with atomic_open(folder / "summary.json") as fh:
+        json.dump(result.to_dict(), fh, indent=1)
+    with atomic_open(marker) as fh:  # written last: its presence means the slide is complete
+        json.dump(stats, fh, indent=2)
+    logger.info("%s → %s (%d tiles)", path, folder, result.tiles)
+    return PredictedCase(path, folder, stats)
 
 
 def classify_case(predictor: Any, path: Path, out: Path, settings: PredictSettings) -> PredictedCase | None:

@@ -60,6 +60,41 @@ class StepProgress:
             self._progress.__exit__(None, None, None)
 
 
+class CountProgress:
+    """A progress bar fed by ``update(done, total)`` callbacks, e.g. tiles of a slide (a no-op when disabled)."""
+
+    def __init__(self, description: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.description = description
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> CountProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self._progress.__enter__()
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(self.description, total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+
 @contextmanager
 def log_to_file(path: Path) -> Iterator[None]:
     """Copy medseg's and the pipelines' log records into ``path`` (appending) while the block runs."""

@@ -7,8 +7,10 @@ new total from the current step on.
 
 Without ``--config`` a dense model trains with a plan derived from the dataset (:mod:`pipelines.plan`, rules in
 ``docs/planning.md``): target spacing, intensity preset, patch and batch size, foreground oversampling; the plan is
-saved as ``plan.json`` in the run directory. With ``--config`` the file's settings are used as they are. Either way a
-CT preset on a dataset declared as another modality is refused unless ``data.force_preset`` is set.
+saved as ``plan.json`` in the run directory. With ``--config`` the settings the file states explicitly win and the plan
+fills the rest (``plan.json``'s ``sources`` and the header of the run's ``config.yaml`` say which came from where);
+``--no-plan`` uses the file (or the model card's defaults) as it is. Either way a CT preset on a dataset declared as
+another modality is refused unless ``data.force_preset`` is set.
 
 Launched by ``torchrun`` (or ``medseg train --nproc N``) every process runs this function: the process group is set
 up here (:func:`medseg.training.distributed.process_group`), rank 0 plans and the others receive its plan, and only
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from medseg.core.atomic import atomic_open
-from medseg.core.config import ExperimentConfig, load_config
+from medseg.core.config import ExperimentConfig, config_file_keys, load_config
 from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, DataError
 from medseg.data import Manifest, load_manifest, require_valid, split_cases
@@ -42,7 +44,7 @@ from medseg.data.labels import resolve_label_names
 from medseg.models import create_model, get_card
 from medseg.training import RunDir, Trainer, TrainResult, distributed
 from medseg.training.classification import ClassificationTrainer, prepare_classification
-from medseg.training.plan import PLAN_FILE, Plan, check_preset_modality
+from medseg.training.plan import PLAN_FILE, PLANNED_KEYS, Plan, check_preset_modality, merge_plan
 from medseg.training.prompted import PromptTrainer
 from pipelines.plan import plan_dataset, write_plan
 from pipelines.progress import StepProgress, log_to_file
@@ -62,6 +64,9 @@ class TrainRequest:
     resume: bool = False
     show_progress: bool = True
     pretrained: tuple[Path, ...] = ()
+    plan: bool = True
+    configuration: str = "auto"
+    memory_gib: float | None = None
 
 
 def resolve_config(req: TrainRequest) -> ExperimentConfig:
@@ -89,8 +94,9 @@ def _given_settings(req: TrainRequest) -> dict[str, tuple[str, Any]]:
     """``{"section.key": (option, value)}`` of what the command line states (``--config`` file, ``--model``, ...)."""
     given: dict[str, tuple[str, Any]] = {}
     if req.config:
+        stated = config_file_keys(req.config)  # a default the file leaves out states nothing (a plan may fill it)
         for key, value in load_config(req.config).flat().items():
-            if key != "data.root" and not (key in _FILLED_AT_START and value in (None, [])):
+            if key in stated and key != "data.root" and not (key in _FILLED_AT_START and value in (None, [])):
                 given[key] = (f"--config {req.config}", value)
     if req.model:
         given["model.name"] = ("--model", req.model)
@@ -142,6 +148,15 @@ def resume_config(req: TrainRequest, saved: ExperimentConfig, source: Path) -> E
 
 def train(req: TrainRequest) -> TrainResult:
     """Run (or resume) one training; returns the trainer's summary."""
+    from medseg.data.slide_layout import is_slide_dataset, tile_slide_dataset
+
+    if is_slide_dataset(req.data):  # slides + annotations: tiles cut once at the model's input size, cached in DATA
+        saved = RunDir(Path(req.out)).config if req.resume and req.out else None
+        model_cfg = (load_config(saved) if saved and saved.is_file() else resolve_config(req)).model
+        card = get_card(model_cfg.name)
+        side = int((model_cfg.roi_size or card.roi_size)[0])
+        tiles = tile_slide_dataset(req.data, task=card.task, tile_size=side)
+        req = replace(req, data=tiles)
     cfg = resolve_config(req)
     dataset = load_classification_dataset(req.data) if detect_classification_layout(req.data) else None
     manifest = load_manifest(req.data) if dataset is None else None
@@ -210,14 +225,13 @@ def _train_in_group(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest
     label_names = resolve_label_names(manifest)
     card = get_card(cfg.model.name)
     plan: Plan | None = None
+    sources: dict[str, str] = {}
     if not card.needs_prompts:
-        if not req.resume and req.config is None:
-            plan = distributed.broadcast(  # one plan for all ranks
-                plan_dataset(manifest, cfg.model.name, device=cfg.train.device, model_kwargs=cfg.model.kwargs)
-                if main
-                else None
-            )
-            cfg = apply_plan(plan, cfg)
+        if not req.resume and req.plan:
+            given = _explicit_settings(req)
+            if _left_to_plan(given):
+                plan = distributed.broadcast(_plan_around(req, cfg, manifest, given) if main else None)
+                cfg, sources = merge_plan(plan, cfg, given)
         source = "data.preset" if cfg.data.preset else f"the default of model {cfg.model.name!r}"
         preset = cfg.data.preset or card.intensity_preset
         check_preset_modality(preset, manifest.modality, force=cfg.data.force_preset, source=source)
@@ -238,11 +252,15 @@ def _train_in_group(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest
             if not req.resume:
                 run_dir.write_json(run_dir.card, model.card.to_dict())
             with atomic_open(run_dir.config) as fh:  # on resume: the saved config with the new train.epochs
-                fh.write(cfg.to_yaml())
+                fh.write(_sources_header(sources) + cfg.to_yaml())
             if plan is not None:
-                sources = {k: "plan" for k in _PLANNED_KEYS} | {"model.name": "--model"}
                 write_plan(plan, run_dir.root / PLAN_FILE, sources)
-                logger.info("planned from the dataset (%s):\n%s", run_dir.root / PLAN_FILE, plan.table())
+                logger.info(
+                    "planned from the dataset (%s):\n%s\nsettings: %s",
+                    run_dir.root / PLAN_FILE,
+                    plan.table(),
+                    "; ".join(f"{k} from {v}" for k, v in sources.items()),
+                )
         distributed.barrier()
         logger.info(
             "training %s%s on %s: %d training / %d validation cases, labels %s, roi %s, run dir %s",
@@ -267,20 +285,45 @@ def _train_in_group(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest
     return result
 
 
-#: Config keys a plan sets (``Plan.config_changes``).
-_PLANNED_KEYS = (
-    "data.spacing",
-    "data.preset",
-    "data.intensity",
-    "model.roi_size",
-    "train.batch_size",
-    "train.fg_ratio",
-)
+def _explicit_settings(req: TrainRequest) -> dict[str, str]:
+    """``{"section.key": source}`` of the planned settings the config file states explicitly."""
+    if req.config is None:
+        return {}
+    return {key: f"--config {req.config}" for key in config_file_keys(req.config) if key in PLANNED_KEYS}
 
 
-def apply_plan(plan: Plan, cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with the plan's fields (:data:`_PLANNED_KEYS`) set."""
-    return cfg.updated(plan.config_changes())
+def _left_to_plan(given: dict[str, str]) -> list[str]:
+    """The planned keys the config file leaves out (``data.intensity`` goes with a given ``data.preset``)."""
+    return [k for k in PLANNED_KEYS if k not in given and not (k == "data.intensity" and "data.preset" in given)]
+
+
+def _plan_around(req: TrainRequest, cfg: ExperimentConfig, manifest: Manifest, given: dict[str, str]) -> Plan:
+    """The plan, with the spacing / patch / batch the config file fixes kept and the rest fitted around them."""
+    fixed = {
+        "spacing": cfg.data.spacing if "data.spacing" in given else None,
+        "patch_size": cfg.model.roi_size if "model.roi_size" in given else None,
+        "batch_size": cfg.train.batch_size if "train.batch_size" in given else None,
+    }
+    if "data.spacing" in given and cfg.data.spacing is None:  # "each image's own spacing": plan at the median
+        fixed["spacing"] = None
+    return plan_dataset(
+        manifest,
+        cfg.model.name,
+        device=cfg.train.device,
+        memory_gib=req.memory_gib,
+        model_kwargs=cfg.model.kwargs,
+        configuration=req.configuration,
+        **fixed,
+    )
+
+
+def _sources_header(sources: dict[str, str]) -> str:
+    """YAML comment lines naming where each planned setting came from (empty without a plan)."""
+    if not sources:
+        return ""
+    lines = ["# Settings planned from the dataset (plan.json) or stated in the config file:"]
+    lines += [f"#   {key}: {source}" for key, source in sources.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _dense_model(

@@ -27,7 +27,7 @@ from fastapi_offline import FastAPIOffline
 import medseg
 from server.errors import ApiError, error_body, install_error_handlers
 from server.models import ModelStore
-from server.security import TokenStore
+from server.security import TokenSigner
 from server.settings import Settings, load_settings
 from server.uploads import BodyLimitMiddleware
 
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None, models: ModelStore | None = Non
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
-    app.state.tokens = TokenStore(settings.token_ttl_s)
+    app.state.tokens = TokenSigner.from_settings(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)  # also caps chunked bodies
     if settings.cors_origins:

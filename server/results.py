@@ -45,7 +45,8 @@ def dicom_seg_refused() -> ApiError:
         422,
         "DicomSegNeedsDicom",
         "output=dicom-seg needs a DICOM input: a SEG references the source instances",
-        hint="upload the series as a .zip of its DICOM files, or ask for output=nifti or nrrd",
+        hint="upload the series as a .zip of its DICOM files (an X-ray angiography or ultrasound image also as its "
+        ".dcm file), or ask for output=nifti or nrrd",
     )
 
 
@@ -74,7 +75,8 @@ def write_result(
     Args:
         prediction: the mask on the input grid.
         output: format asked for.
-        source: the folder holding the uploaded DICOM series (``dicom-seg`` only; None for other inputs).
+        source: the folder holding the uploaded DICOM series, or the XA / US ``.dcm`` file (``dicom-seg`` only; None
+            for other inputs).
         path: destination file.
         model_name: algorithm name written into a SEG and the json body.
         model_version: algorithm version written into a SEG.
@@ -87,7 +89,9 @@ def write_result(
         path.write_text(json.dumps(stats_body(prediction, model_name)))
         return path
     if output is OutputFormat.dicom_seg:
-        if source is None or not source.is_dir() or prediction.image.meta.get("source_format") != "dicom":
+        # XA / US images (one file, read by a modality adapter) are referenced frame by frame, also from a .dcm file
+        frames = bool(prediction.image.meta.get("modality_adapter")) and source is not None and source.is_file()
+        if source is None or not (source.is_dir() or frames) or prediction.image.meta.get("source_format") != "dicom":
             raise dicom_seg_refused()
         from medseg.io.dicom_seg import save_dicom_seg, write_dicom_seg
 
@@ -149,6 +153,62 @@ def render(
         )
         content = path.read_bytes()
     return Response(content=content, media_type=kind.media_type, headers=headers)
+
+
+#: What ``GET /v1/jobs/{id}/result?format=`` serves of a whole-slide job: file name and media type.
+SLIDE_FORMATS: dict[str, tuple[str, str]] = {
+    "zip": ("result.zip", "application/zip"),
+    "summary": ("summary.json", "application/json"),
+    "overlay": ("overlay.png", "image/png"),
+    "heatmap": ("heatmap.ome.tif", "image/tiff"),
+    "tiles": ("tiles.json", "application/json"),
+    "labels": ("labels.ome.tif", "image/tiff"),
+    "geojson": ("contours.geojson", "application/geo+json"),
+}
+
+
+def job_output(model: object, name: str, output: OutputFormat | None, *, slide: bool) -> OutputFormat:
+    """The stored output format of a job: a mask format as asked (default NIfTI), or ``json`` for a classifier and
+    for a whole slide, whose answers are not masks on the upload's grid (422 when a mask format is asked for)."""
+    task = getattr(model, "task", "segmentation")
+    if not slide and task != "classification":
+        return output or OutputFormat.nifti
+    if output not in (None, OutputFormat.json):
+        what = (
+            "a whole slide's outputs (heatmap, labels, GeoJSON) are served by ?format="
+            if slide
+            else "it answers JSON {label, label_name, probabilities}"
+        )
+        raise ApiError(
+            422,
+            "OutputNotAvailable",
+            f"output={output.value} is not available for this job: {what}",
+            hint="drop `output` (or ask for output=json)" + (f"; formats: {', '.join(SLIDE_FORMATS)}" if slide else ""),
+        )
+    if slide:
+        from medseg.data.slide_inference import predictor_tile_fn
+
+        predictor_tile_fn(model)  # a 3D or prompted model cannot predict tiles: a 4xx now, not a failed job
+    return OutputFormat.json
+
+
+def slide_file_response(archive: Path, fmt: str | None, stem: str, label_names: list[str]) -> FileResponse:
+    """One output of a finished whole-slide job (``fmt``: a key of :data:`SLIDE_FORMATS`, default ``zip``)."""
+    fmt = fmt or "zip"
+    if fmt not in SLIDE_FORMATS:
+        raise ApiError(422, "UnknownFormat", f"format={fmt!r} is unknown", hint=f"one of {', '.join(SLIDE_FORMATS)}")
+    name, media = SLIDE_FORMATS[fmt]
+    path = archive if fmt == "zip" else archive.parent / "slide" / name
+    if not path.is_file():
+        present = [k for k, (n, _) in SLIDE_FORMATS.items() if (archive.parent / "slide" / n).is_file()]
+        raise ApiError(
+            404,
+            "NotFound",
+            f"this slide job has no {fmt} output",
+            hint=f"available: zip, {', '.join(present)} (heatmaps for classifiers, labels and geojson for segmenters)",
+        )
+    suffix = name.split(".", 1)[1]
+    return FileResponse(path, media_type=media, headers=result_headers(f"{stem}_slide.{suffix}", label_names))
 
 
 def file_response(path: Path, output: OutputFormat, stem: str, label_names: list[str]) -> FileResponse:

@@ -2,38 +2,79 @@
 
 Auth is on by default; ``auth_enabled: false`` turns it off for local use. Keys are compared with
 ``secrets.compare_digest`` against every configured key, so timing does not reveal which prefix matched. Tokens come
-from ``POST /auth/token`` (the MONAI Label flow, username + password from the settings) and live in memory.
+from ``POST /auth/token`` (the MONAI Label flow, username + password from the settings): HS256 JSON Web Tokens
+signed with ``settings.token_secret`` and expiring after ``token_ttl_s``, so every replica holding the same secret
+accepts a token any of them issued, and no replica keeps token state. Without a configured secret (the
+single-machine default) a random key is made at start-up: tokens then die with the process.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
-from dataclasses import dataclass, field
 
+import jwt
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from server.errors import ApiError
 from server.settings import Settings
 
+logger = logging.getLogger("server")
 
-@dataclass
-class TokenStore:
-    """Issued bearer tokens → (user, expiry)."""
+ISSUER = "medseg"
+ALGORITHM = "HS256"
+#: Tolerated clock difference between the replica that issued a token and the one checking it.
+LEEWAY_S = 10
 
-    ttl_s: int
-    _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+class TokenSigner:
+    """Issues and checks bearer tokens: HS256 JWTs with ``sub`` (user), ``iat``, ``exp`` and ``iss`` claims.
+
+    Args:
+        secret: the signing key (at least 32 bytes).
+        ttl_s: token lifetime in seconds.
+    """
+
+    def __init__(self, secret: bytes, ttl_s: int) -> None:
+        if len(secret) < 32:
+            raise ValueError(f"the token key must have at least 32 bytes, got {len(secret)}")
+        self._secret = secret
+        self.ttl_s = ttl_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenSigner:
+        """The key of ``settings.token_secret``, or a random one for this process when none is configured."""
+        if settings.token_secret is None:
+            if settings.auth_enabled:
+                logger.info("no token_secret configured: bearer tokens are valid on this server process only")
+            return cls(secrets.token_bytes(32), settings.token_ttl_s)
+        return cls(settings.token_secret.get_secret_value().encode(), settings.token_ttl_s)
 
     def issue(self, user: str) -> str:
-        token = secrets.token_urlsafe(32)
-        self._tokens[token] = (user, time.time() + self.ttl_s)
-        return token
+        now = int(time.time())
+        claims = {"sub": user, "iat": now, "exp": now + self.ttl_s, "iss": ISSUER}
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def user(self, token: str) -> str | None:
+        """The user a valid token was issued to; None for a forged, altered, expired or foreign token."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[ALGORITHM],  # only HS256: an "alg: none" or RS256-confusion token is refused
+                issuer=ISSUER,
+                leeway=LEEWAY_S,
+                options={"require": ["sub", "iat", "exp", "iss"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        user = claims.get("sub")
+        return user if isinstance(user, str) else None
 
     def valid(self, token: str) -> bool:
-        now = time.time()
-        self._tokens = {t: v for t, v in self._tokens.items() if v[1] > now}
-        return any(secrets.compare_digest(token.encode(), t.encode()) for t in self._tokens)
+        return self.user(token) is not None
 
 
 def check_password(settings: Settings, username: str, password: str) -> bool:
@@ -77,7 +118,10 @@ async def require_auth(
         match = False
         for key in settings.api_keys:
             match |= secrets.compare_digest(key.get_secret_value().encode(), credential.encode())
-        if match or request.app.state.tokens.valid(credential):
+        if match:
+            return
+        user = request.app.state.tokens.user(credential)
+        if user is not None and user in settings.users:  # a user removed from the settings loses their tokens
             return
     raise ApiError(
         401,

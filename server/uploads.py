@@ -1,13 +1,15 @@
 """Receiving an uploaded image: size cap, accepted suffixes, safe zip extraction, voxel cap, clean-up.
 
 An upload is copied in 1 MiB chunks into a fresh folder under ``settings.data_dir/uploads`` (413 as soon as it passes
-``max_upload_bytes``). Accepted: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` and ``.zip`` (one DICOM series); anything
-else is 415 naming the accepted list. A zip is extracted with :func:`medseg.io.safe_extract_zip` (member count and
-size caps from the settings, no path traversal) into a folder that is kept with the upload, because a DICOM SEG
-answer must reference the source instances. The header is read and checked by :func:`medseg.io.read_header` before
-the pixels are decoded (413 over ``max_voxels``), so a header claiming 10⁹ voxels, pixels in another file or more
-bytes than were sent costs nothing; uploads are never allowed external data. Errors from the library keep their 4xx
-mapping (:mod:`server.errors`); temporary paths in their messages are replaced by the client's file name.
+``max_upload_bytes``). Accepted: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` and ``.zip`` (one DICOM series), 2D
+images, and single-file whole slides (``.svs``, ``.ndpi``, ``.scn``, ``.bif``, ``.svslide``, pyramidal ``.tif``), which
+run as jobs (:func:`check_slide`); anything else is 415 naming the accepted list. A zip is extracted with
+:func:`medseg.io.safe_extract_zip` (member count and size caps from the settings, no path traversal) into a folder
+that is kept with the upload, because a DICOM SEG answer must reference the source instances. The header is read
+and checked by :func:`medseg.io.read_header` before the pixels are decoded (413 over ``max_voxels``), so a header
+claiming 10⁹ voxels, pixels in another file or more bytes than were sent costs nothing; uploads are never allowed
+external data. Errors from the library keep their 4xx mapping (:mod:`server.errors`); temporary paths in their
+messages are replaced by the client's file name.
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ ACCEPTED_SUFFIXES: tuple[str, ...] = (
     ".tif",
     ".tiff",
     ".dcm",
+    ".svs",
+    ".ndpi",
+    ".scn",
+    ".bif",
+    ".svslide",
 )
+#: Whole-slide suffixes among them (a ``.tif`` / ``.tiff`` is a slide when it is a tiled pyramid); slides become jobs.
+SLIDE_UPLOAD_SUFFIXES: tuple[str, ...] = (".svs", ".ndpi", ".scn", ".bif", ".svslide", ".tif", ".tiff")
 _CHUNK = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -99,6 +108,13 @@ class Upload:
     @property
     def is_dicom(self) -> bool:
         return self.suffix == ".zip"
+
+    @property
+    def is_slide(self) -> bool:
+        """A whole-slide image (:func:`medseg.io.slide.is_slide_file`), predicted tile by tile in a job."""
+        from medseg.io.slide import is_slide_file
+
+        return self.suffix in SLIDE_UPLOAD_SUFFIXES and is_slide_file(self.file)
 
     @property
     def path(self) -> Path:
@@ -193,6 +209,29 @@ def open_image(upload: Upload, settings: Settings) -> MetaTensor:
     check_voxels(int(math.prod(image.shape)), settings, upload.filename)
     image.meta["filename_or_obj"] = upload.filename
     return image
+
+
+def check_slide(upload: Upload, slide_mpp: float | None) -> None:
+    """Open an uploaded slide once (format, pyramid, microns per pixel) so that a bad slide is a 4xx, not a failed job.
+
+    Raises:
+        ApiError: 422 when the slide does not say its microns per pixel and ``slide_mpp`` is not given.
+        MedsegError: an unreadable or truncated slide (mapped to 4xx).
+    """
+    from medseg.io.slide import MissingMppError, open_slide
+
+    try:
+        with open_slide(upload.file, mpp=slide_mpp):
+            pass
+    except MissingMppError as err:
+        raise ApiError(
+            422,
+            "SlideMppMissing",
+            f"{upload.filename} does not say how many microns a pixel spans",
+            hint="send slide_mpp (level-0 microns per pixel: about 0.25 at 40x, 0.5 at 20x) with the job",
+        ) from err
+    except MedsegError as err:
+        raise _scrub(err, upload) from None
 
 
 class BodyLimitMiddleware:

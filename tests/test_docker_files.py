@@ -209,6 +209,65 @@ def test_example_settings_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "password" not in (DOCKER / "settings.example.yaml").read_text().split("pacs:")[1]
 
 
+def test_compose_scale_replicas_share_the_store_the_folder_and_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = yaml.safe_load((DOCKER / "compose.scale.yaml").read_text())
+    services = data["services"]
+    replicas = sorted(name for name in services if name.startswith("medseg-"))
+    assert len(replicas) >= 2 and {"postgres", "nginx", "orthanc"} <= set(services)
+    declared_volumes = set(data.get("volumes") or {})
+    for name, svc in services.items():
+        assert ":" in svc["image"] and not svc["image"].endswith(":latest"), f"{name}: pin the image tag"
+        for dep in svc.get("depends_on") or []:
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for volume in svc.get("volumes") or []:
+            source = _interpolate(str(volume)).split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in declared_volumes, f"{name}: named volume {source} is not declared"
+        for port in svc.get("ports") or []:
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name}: port {port} not on 127.0.0.1"
+
+    envs = [services[r]["environment"] for r in replicas]
+    assert len({e["MEDSEG_REPLICA_ID"] for e in envs}) == len(replicas)  # unique replica ids
+    assert len({e["MEDSEG_TOKEN_SECRET"] for e in envs}) == 1  # one signing key
+    assert "${MEDSEG_TOKEN_SECRET" in envs[0]["MEDSEG_TOKEN_SECRET"]
+    postgres = services["postgres"]
+    password_var = re.search(r"\$\{(\w+)", postgres["environment"]["POSTGRES_PASSWORD"]).group(1)
+    shared_volumes = set()
+    for name, env in zip(replicas, envs, strict=True):
+        svc = services[name]
+        assert svc["image"] == services[replicas[0]]["image"] and svc["command"] == services[replicas[0]]["command"]
+        url = urlparse(_interpolate(env["MEDSEG_JOBS_DATABASE_URL"]))
+        assert url.scheme == "postgresql" and url.hostname == "postgres" and url.port == 5432
+        assert url.username == postgres["environment"]["POSTGRES_USER"]
+        assert url.path == "/" + postgres["environment"]["POSTGRES_DB"]
+        assert f"${{{password_var}" in env["MEDSEG_JOBS_DATABASE_URL"]  # the same password variable on both sides
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy" and "healthcheck" in postgres
+        mounts = {_interpolate(v).split(":")[1]: _interpolate(v).split(":")[0] for v in svc["volumes"]}
+        shared_volumes.add(mounts[env["MEDSEG_SHARED_DIR"]])  # mounted where the replica's settings look for it
+        assert (DOCKER / mounts["/etc/medseg/settings.yaml"]).is_file()
+    assert len(shared_volumes) == 1 and shared_volumes <= declared_volumes  # one volume for every replica
+
+    # the replicas' settings (file + environment) validate: PostgreSQL store, shared folder, a long enough secret
+    for key in [k for k in os.environ if k.startswith("MEDSEG_")]:
+        monkeypatch.delenv(key)
+    placeholder = "p" * 40
+    for key, value in envs[0].items():
+        monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", placeholder, str(value)))
+    settings = load_settings(DOCKER / "settings.example.yaml")
+    assert settings.jobs_database_url is not None and settings.token_secret is not None
+    assert settings.jobs_dir == Path(envs[0]["MEDSEG_SHARED_DIR"]) / "jobs" and settings.replica_id == "medseg-1"
+
+    nginx = services["nginx"]
+    conf_source = next(_interpolate(v).split(":")[0] for v in nginx["volumes"] if "nginx.conf" in v)
+    conf = (DOCKER / conf_source).read_text()
+    upstream = re.search(r"upstream medseg \{(.*?)\}", conf, re.S).group(1)
+    assert sorted(re.findall(r"server\s+([\w-]+):8000\b", upstream)) == replicas  # every replica, on its port
+    assert "proxy_pass http://medseg;" in conf and "client_max_body_size 1g;" in conf
+    listen = re.search(r"listen (\d+);", conf).group(1)
+    assert [p.rsplit(":", 1)[1] for p in nginx["ports"]] == [listen]
+    assert sorted(nginx["depends_on"]) == replicas
+
+
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
 
 

@@ -189,6 +189,9 @@ class InferConfig(_Section):
             or ``fp16`` (CUDA only).
         backend: ``torch`` or ``openvino`` (CPU; the optional extra ``openvino``).
         accumulate: dtype of the sliding-window slab buffer.
+        save_probabilities: also write per-class probabilities on the input's grid next to each mask, slab by slab
+            (``uint8`` = ``round(p * 255)`` in a ``.nii`` per class, ``float16`` in a ``.npy`` per class; ``none``:
+            masks only). ``medseg predict --save-probabilities`` overrides it.
     """
 
     overlap: float = Field(0.5, ge=0, lt=1)
@@ -201,6 +204,7 @@ class InferConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     backend: Literal["torch", "openvino"] = "torch"
     accumulate: Literal["float16", "float32"] = "float16"
+    save_probabilities: Literal["none", "uint8", "float16"] = "none"
 
 
 class ExperimentConfig(_Section):
@@ -256,9 +260,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
         ) from None
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML file."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", hint="pass an existing YAML file to --config")
     try:
@@ -267,4 +269,27 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping", expected="keys name/data/model/train/infer")
-    return validate_config(data, source=f"config file {path}")
+    return data
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    return validate_config(_read_yaml(path), source=f"config file {path}")
+
+
+def config_file_keys(path: str | Path) -> frozenset[str]:
+    """The settings a YAML file states explicitly, as ``"section.key"`` (``null`` counts: it states "none").
+
+    Defaults the file leaves out are not listed, so a plan can fill them (``medseg train --config``).
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    validate_config(data, source=f"config file {path}")
+    keys: set[str] = set()
+    for section, value in data.items():
+        if isinstance(value, dict):
+            keys.update(f"{section}.{k}" for k in value)
+        else:
+            keys.add(str(section))
+    return frozenset(keys)

@@ -7,7 +7,7 @@ caller's function ``tile_fn(tiles (B, 3, H, W)) -> probabilities`` and assembles
   grid of probabilities is saved as ``heatmap.npy`` ``(K, rows, cols)`` (NaN where no tile was kept); the
   probability of ``heatmap_class`` is painted over each tile's footprint (overlaps averaged) into ``overlay.png``
   on the thumbnail and into ``heatmap.ome.tif``, a pyramidal float32 OME-TIFF at ``heatmap_level`` (NaN outside the
-  kept tiles).
+  kept tiles); ``tiles.json`` lists every predicted tile (level-0 corner, grid cell, tissue share, probabilities).
 * ``task="segmentation"``: ``tile_fn`` returns ``(B, K, h, w)`` probabilities (any ``h, w``: they are resized to
   the tile's footprint). They are stitched at the read level with overlaps averaged, the label of each pixel is
   the arg-max (``K == 1``: probability >= 0.5 is label 1), pixels no kept tile covers are 0. Written as
@@ -124,8 +124,8 @@ class SlidePrediction:
 
     Attributes:
         task: the task.
-        files: output name -> path (``overlay``, ``summary`` and ``heatmap``, ``heatmap_tiff`` or ``labels``,
-            ``geojson``).
+        files: output name -> path (``overlay``, ``summary`` and ``heatmap``, ``heatmap_tiff``, ``tiles`` or
+            ``labels``, ``geojson``).
         tiles: tiles predicted.
         tiles_total: tiles in the full grid.
         grid_shape: ``(rows, cols)``.
@@ -510,6 +510,27 @@ def _thumbnail(slide: Slide, cfg: SlideSettings) -> tuple[np.ndarray, tuple[floa
     return thumb, (thumb.shape[1] / w0, thumb.shape[0] / h0)
 
 
+def _tile_records(grid: TileGrid, heat: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+    """``tiles.json``: every predicted tile's level-0 corner, grid cell, tissue share and class probabilities."""
+    probs = heat[:, grid.indices[:, 0], grid.indices[:, 1]].T
+    tiles = [
+        {
+            "x": int(x), "y": int(y), "row": int(r), "col": int(c),
+            "tissue": None if math.isnan(t) else round(float(t), 4),
+            "probabilities": {n: round(float(v), 6) for n, v in zip(names, p, strict=True)},
+        }
+        for (x, y), (r, c), t, p in zip(grid.coords, grid.indices, grid.tissue, probs, strict=True)
+    ]  # fmt: skip
+    return {
+        "label_names": list(names),
+        "level": grid.level,
+        "mpp": list(grid.mpp),
+        "tile_size": grid.tile_size,
+        "tile_extent_level0": [grid.read_size * grid.level_downsample[0], grid.read_size * grid.level_downsample[1]],
+        "tiles": tiles,
+    }
+
+
 def _run_classification(
     slide: Slide,
     grid: TileGrid,
@@ -542,6 +563,7 @@ def _run_classification(
         np.save(tmp, heat)
 
     files["heatmap"] = atomic_write(out / "heatmap.npy", save_npy)
+    files["tiles"] = _write_json(_tile_records(grid, heat, names), out / "tiles.json")
     thumb, scale = _thumbnail(slide, cfg)
     painted = paint_tiles(values, _boxes(grid, scale), thumb.shape[:2])
     files["overlay"] = _write_png(_blend(thumb, _colour_map(painted), ~np.isnan(painted), cfg.overlay_alpha),

@@ -23,6 +23,10 @@ Three layouts are understood, tried in this order:
   ``{name: busi, labels: {0: background, 1: lesion}, modality: ultrasound}``. When the channels are not declared,
   the first image's header gives their number: a colour image has channels ``("red", "green", "blue")``, a grey one
   the declared modality (or ``channel_0``).
+* **BUSI** and **CAMUS** (ultrasound): class folders of PNGs with ``_mask`` files, or ``patientNNNN/`` NIfTI
+  views with ``_gt`` references; converted once to a 2D paired folder (:mod:`medseg.data.us_layouts`).
+* **slides**: ``slides/`` of whole-slide images and ``annotations/`` (QuPath GeoJSON or label images); cut into tiles
+  once (:mod:`medseg.data.slide_layout`) and read as the 2D paired folder of those tiles.
 
 :func:`load_manifest` raises :class:`DataError` only when the layout itself cannot be understood (no layout, bad
 JSON, missing keys, nnU-Net channel files missing). Files that an understood layout names but that are absent, such
@@ -115,6 +119,13 @@ def load_manifest(root: str | Path) -> Manifest:
         ('msd', ('background', 'liver', 'cancer'))
     """
     root = Path(root)
+    from medseg.data.slide_layout import is_slide_dataset, tile_slide_dataset
+
+    if is_slide_dataset(root):  # slides + annotations: segmented as the cached tiles' 2D paired folder
+        root = tile_slide_dataset(root, task="segmentation")
+    from medseg.data.us_layouts import prepare_layout
+
+    root = prepare_layout(root)  # BUSI / CAMUS: read as the paired folder they convert to (cached in DATA)
     layout = detect_layout(root)
     loader = {"msd": _load_msd, "nnunet": _load_nnunet, "paired": _load_paired}[layout]
     manifest = loader(root)

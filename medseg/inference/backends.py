@@ -10,7 +10,8 @@ float32 logits ``(B, C_out, *P)`` on the CPU. The choice happens once, at load:
   :func:`medseg.core.cpu.configure_threads`; Ray workers set their own share).
 * ``backend="openvino"`` (optional extra ``openvino``): the module is converted in memory for one fixed window
   shape, compiled for the CPU and cached as IR next to the weights (``<cache_dir>/openvino-<key>.xml``), so the next
-  process skips the conversion.
+  process skips the conversion. ``precision="bf16"`` compiles the same float32 IR with the CPU plugin's bf16
+  inference precision (``INFERENCE_PRECISION_HINT``), under the same native-bf16 rule as PyTorch.
 """
 
 from __future__ import annotations
@@ -98,13 +99,14 @@ class Backend:
         if backend == "openvino":
             if device.type != "cpu":
                 raise ConfigError("the openvino backend runs on the CPU", expected="device cpu, or backend torch")
-            if resolved != "fp32":
+            if resolved not in ("fp32", "bf16"):
                 raise ConfigError(
-                    f"the openvino backend runs in fp32 here, not {resolved}", expected="precision fp32 or auto"
+                    f"the openvino backend runs in fp32 or bf16, not {resolved}",
+                    expected="precision fp32, auto or (CPUs with native bf16) bf16",
                 )
             if window is None:
                 raise ConfigError("the openvino backend needs the window shape to compile for")
-            self._compiled = _openvino_model(self.model, tuple(int(s) for s in window), cache_dir)
+            self._compiled = _openvino_model(self.model, tuple(int(s) for s in window), cache_dir, resolved)
         elif backend != "torch":
             raise ConfigError(f"unknown backend {backend!r}", expected="torch or openvino")
         self.choice = BackendChoice(backend, resolved, device.type)
@@ -130,7 +132,7 @@ def make_forward(model: nn.Module, device: torch.device, **options: Any) -> Forw
     return Backend(model, device, **options)
 
 
-def _openvino_model(model: nn.Module, window: tuple[int, ...], cache_dir: Path | None) -> Any:
+def _openvino_model(model: nn.Module, window: tuple[int, ...], cache_dir: Path | None, precision: str) -> Any:
     try:
         import openvino as ov
     except ImportError:
@@ -165,4 +167,7 @@ def _openvino_model(model: nn.Module, window: tuple[int, ...], cache_dir: Path |
             except OSError as err:  # a read-only run directory still predicts
                 logger.warning("could not cache the openvino model in %s (%s)", xml.parent, err)
     threads = torch.get_num_threads()  # the process's choice (one per worker under Ray, the cores otherwise)
-    return core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    # The IR stays float32 (one cache entry for both precisions); bf16 is the CPU plugin's execution precision, with
+    # float32 inputs and outputs.
+    hint = "bf16" if precision == "bf16" else "f32"
+    return core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint})

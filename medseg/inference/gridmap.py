@@ -7,21 +7,30 @@ output index, ``u`` a source index). :class:`GridMap` holds these maps; :class:`
 (:func:`medseg.inference.engine.stream_logits`), interpolates logits separably (linear, or nearest where the grids
 coincide up to a permutation/flip/shift: then the labels are copied exactly), takes the argmax and writes labels
 (uint8/uint16) into the output array. Output voxels outside the source region are background.
+
+:class:`ProbabilityFiles` takes the per-class probabilities the sink computes, a few output planes at a time, and
+writes them straight into memory-mapped files (one per class: an uncompressed uint8 ``.nii`` or a float16 ``.npy``),
+so probabilities on the input's grid reach the disk without ``C_out x volume`` ever being held in memory.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import mmap
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from medseg.core.errors import ModelInputError
+from medseg.core.errors import ConfigError, ModelInputError
+from medseg.inference.engine import trim_heap
 
-__all__ = ["AxisMap", "GridMap", "LabelSink"]
+__all__ = ["AxisMap", "GridMap", "LabelSink", "ProbabilityFiles", "ProbabilityOutput"]
 
 _TOL = 1e-4
 
@@ -166,6 +175,8 @@ class LabelSink:
         probability_dtype: dtype of the kept probabilities.
         planes_per_step: output planes computed at once (bounds the temporary ``C_out x planes x plane`` array);
             default: as many as keep that float32 array near 256 MiB.
+        probability_files: write the probabilities into these files as each step is finished (instead of, or as
+            well as, keeping them); their shape must be the output grid's.
     """
 
     def __init__(
@@ -176,9 +187,18 @@ class LabelSink:
         keep_probabilities: bool = False,
         probability_dtype: torch.dtype = torch.float16,
         planes_per_step: int | None = None,
+        probability_files: ProbabilityFiles | None = None,
     ) -> None:
         self.grid = grid
         self.channels = channels
+        self.probability_files = probability_files
+        if probability_files is not None and (
+            probability_files.shape != grid.output_shape or probability_files.channels != channels
+        ):
+            raise ValueError(
+                f"probability files of {probability_files.channels} x {probability_files.shape} do not fit "
+                f"{channels} x {grid.output_shape}"
+            )
         dtype = np.uint8 if channels <= 256 else np.uint16
         self.labels = np.zeros(grid.output_shape, dtype=dtype)
         self.probabilities: torch.Tensor | None = None
@@ -229,6 +249,8 @@ class LabelSink:
             self._write(k, axis, v[idx], lo[idx] - base, w[idx], block)
         self._done = ready
         self._previous = (end - 1, logits.narrow(axis + 1, logits.shape[axis + 1] - 1, 1).clone())
+        del block, logits
+        trim_heap()  # the step's temporaries are freed: keep the resident size at one step's
 
     def _write(
         self, k: int, axis: int, v: torch.Tensor, lo: torch.Tensor, w: torch.Tensor, block: torch.Tensor
@@ -247,11 +269,17 @@ class LabelSink:
         index: list[slice | np.ndarray] = [slice(a.valid[0], a.valid[1]) for a in self.grid.axes]
         index[k] = v.numpy()
         self.labels[tuple(index)] = labels.astype(self.labels.dtype, copy=False)
-        if self.probabilities is not None:
-            probs = torch.softmax(values, dim=0).to(self.probabilities.dtype)
-            full: list[slice | torch.Tensor] = [slice(None), *(slice(a.valid[0], a.valid[1]) for a in self.grid.axes)]
-            full[k + 1] = v
-            self.probabilities[tuple(full)] = probs
+        if self.probabilities is not None or self.probability_files is not None:
+            probs = torch.softmax(values, dim=0)
+            if self.probability_files is not None:
+                self.probability_files.write(tuple(index), probs)
+            if self.probabilities is not None:
+                full: list[slice | torch.Tensor] = [
+                    slice(None),
+                    *(slice(a.valid[0], a.valid[1]) for a in self.grid.axes),
+                ]
+                full[k + 1] = v
+                self.probabilities[tuple(full)] = probs.to(self.probabilities.dtype)
 
     def finish(self) -> np.ndarray:
         """The labels (uint8 or uint16) on the output grid; every valid output plane must have been written."""
@@ -259,6 +287,136 @@ class LabelSink:
         if self._done != total:
             raise RuntimeError(f"only {self._done} of {total} output planes were written")
         return self.labels
+
+
+@dataclass(frozen=True)
+class ProbabilityOutput:
+    """Where per-class probabilities go on disk, and in which type (``infer.save_probabilities``).
+
+    Attributes:
+        prefix: files are ``<prefix>_<class>.nii`` (uint8) or ``<prefix>_<class>.npy`` (float16), plus
+            ``<prefix>.json`` describing them.
+        dtype: ``uint8`` (``round(p * 255)``; the NIfTI header's slope ``1/255`` gives ``p`` back) or ``float16``
+            (as computed; NIfTI has no float16 type, so a Fortran-ordered ``.npy`` with the affine in the JSON).
+    """
+
+    prefix: Path
+    dtype: Literal["uint8", "float16"]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("uint8", "float16"):
+            raise ConfigError(f"probabilities cannot be saved as {self.dtype!r}", expected="uint8 or float16 (or none)")
+
+
+class ProbabilityFiles:
+    """Per-class probability files on the output grid, filled through memory maps as the sink computes them.
+
+    Each file is created at full size first (class 0 = 1 and the others 0: the background outside the network's
+    grid); each :meth:`write` then stores a few output planes and releases the mapped pages again (flushed to disk,
+    dropped from the process's resident memory), so the resident memory stays at the size of one step whatever the
+    class count and volume.
+
+    Args:
+        output: prefix and dtype.
+        shape: spatial shape of the output grid ``(X, Y, Z)``.
+        affine: the output grid's affine ``(4, 4)`` (index -> RAS world, mm), written into every file.
+        label_names: one name per class (used in the file names).
+    """
+
+    def __init__(
+        self,
+        output: ProbabilityOutput,
+        shape: Sequence[int],
+        affine: np.ndarray | torch.Tensor,
+        label_names: Sequence[str],
+    ) -> None:
+        self.output = output
+        self.shape = tuple(int(s) for s in shape)
+        self.channels = len(label_names)
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self.dtype = np.dtype(np.uint8 if output.dtype == "uint8" else "<f2")
+        suffix = ".nii" if output.dtype == "uint8" else ".npy"
+        prefix = Path(output.prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.paths = [prefix.with_name(f"{prefix.name}_{_file_label(i, n)}{suffix}") for i, n in enumerate(label_names)]
+        self.label_names = tuple(label_names)
+        self._maps: list[mmap.mmap] = []
+        self._arrays: list[np.ndarray] = []
+        for path in self.paths:
+            offset = self._create(path)
+            with open(path, "r+b") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0)
+            self._maps.append(mapped)
+            self._arrays.append(np.ndarray(self.shape, dtype=self.dtype, buffer=mapped, offset=offset, order="F"))
+        background = self._arrays[0]
+        step = max(1, (64 * 2**20) // max(1, math.prod(self.shape[:-1]) * self.dtype.itemsize))
+        for z in range(0, self.shape[-1], step):  # Fortran order: the last axis is the slowest, so contiguous
+            background[..., z : z + step] = self._quantise(np.ones(()))
+            self._release(0)
+
+    def _create(self, path: Path) -> int:
+        """Write the header and size the file; returns the offset of the data."""
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        with open(path, "wb") as fh:
+            if self.output.dtype == "uint8":
+                import nibabel as nib
+
+                header = nib.Nifti1Header()
+                header.set_data_shape(self.shape)
+                header.set_data_dtype(np.uint8)
+                header.set_qform(self.affine, code=1)
+                header.set_sform(self.affine, code=1)
+                header.set_slope_inter(1.0 / 255.0, 0.0)
+                header.set_xyzt_units("mm")
+                header["vox_offset"] = 352
+                header.write_to(fh)
+                fh.write(b"\x00" * (352 - fh.tell()))  # no extensions
+            else:
+                descr = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": True, "shape": self.shape}
+                np.lib.format.write_array_header_1_0(fh, descr)
+            offset = fh.tell()
+            fh.truncate(offset + nbytes)
+        return offset
+
+    def _quantise(self, p: np.ndarray) -> np.ndarray:
+        if self.output.dtype == "uint8":
+            return np.rint(np.asarray(p, dtype=np.float32) * 255.0).astype(np.uint8)
+        return np.asarray(p, dtype=np.float16)
+
+    def _release(self, c: int) -> None:
+        self._maps[c].flush()
+        self._maps[c].madvise(mmap.MADV_DONTNEED)
+
+    def write(self, index: tuple[slice | np.ndarray, ...], probabilities: torch.Tensor) -> None:
+        """Store ``probabilities (C_out, ...)`` at ``index`` of the output grid (slices and one index array)."""
+        values = probabilities.detach().float().numpy()
+        for c, array in enumerate(self._arrays):
+            array[index] = self._quantise(values[c])
+            self._release(c)
+
+    def close(self) -> dict[str, Path]:
+        """Unmap the files, write ``<prefix>.json`` and return ``{class name: file}``."""
+        self._arrays.clear()
+        for mapped in self._maps:
+            mapped.flush()
+            mapped.close()
+        self._maps.clear()
+        files = dict(zip(self.label_names, self.paths, strict=True))
+        meta = {
+            "dtype": self.output.dtype,
+            "scale": 1.0 / 255.0 if self.output.dtype == "uint8" else 1.0,
+            "shape": list(self.shape),
+            "affine": self.affine.tolist(),
+            "files": {name: path.name for name, path in files.items()},
+        }
+        prefix = Path(self.output.prefix)
+        prefix.with_name(f"{prefix.name}.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        return files
+
+
+def _file_label(index: int, name: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "-", str(name)).strip("-")
+    return f"{index}-{clean}" if clean else str(index)
 
 
 def _gather(x: torch.Tensor, dim: int, lo: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,12 @@ from torch import nn
 
 from medseg.core.config import ExperimentConfig
 from medseg.core.device import pick_device
+from medseg.core.errors import ConfigError
 from medseg.core.keys import IMAGE
 from medseg.inference.backends import Backend
 from medseg.inference.contract import Progress, SegmentationPredictor
 from medseg.inference.engine import stream_logits
-from medseg.inference.gridmap import GridMap, LabelSink
+from medseg.inference.gridmap import GridMap, LabelSink, ProbabilityFiles, ProbabilityOutput
 from medseg.inference.planar import FrameWise, frame_window
 from medseg.inference.prediction import Prediction
 from medseg.inference.prompts import Prompts
@@ -101,6 +102,7 @@ class Predictor(SegmentationPredictor):
         tta: bool | None = None,
         keep_probabilities: bool = False,
         progress: Progress | None = None,
+        probabilities_out: ProbabilityOutput | None = None,
     ) -> Prediction:
         """Segment one image.
 
@@ -110,6 +112,8 @@ class Predictor(SegmentationPredictor):
             tta: override the run's flip test-time augmentation setting.
             keep_probabilities: also return the probabilities ``(C_out, X, Y, Z)`` (float16) on the input grid.
             progress: called with ``(windows_done, windows_total)``.
+            probabilities_out: write the probabilities on the input grid to these files, a few planes at a time
+                (:class:`~medseg.inference.gridmap.ProbabilityFiles`; 3D inputs), never holding all of them.
 
         Returns:
             A :class:`Prediction` whose mask lies on the input's voxel grid.
@@ -117,6 +121,13 @@ class Predictor(SegmentationPredictor):
         self.check_prompts(prompts)
         original = image if isinstance(image, MetaTensor) else load_image(image)
         self.check_image(original)
+        files = None
+        if probabilities_out is not None:
+            if original.ndim != 4:
+                raise ConfigError(
+                    "probabilities are saved to files for 3D inputs only", expected="a (C, X, Y, Z) image"
+                )
+            files = ProbabilityFiles(probabilities_out, original.shape[1:], original.affine, self.label_names)
         if original.ndim == 3:  # a 2D image (C, X, Y) for a 2D model: segmented as one frame (C, X, Y, 1)
             frame = self.predict(
                 cast(MetaTensor, original.unsqueeze(-1)),
@@ -135,18 +146,21 @@ class Predictor(SegmentationPredictor):
         channels = self.card.out_channels
         if box is None:  # nothing above the floor: all background
             grid = GridMap.from_affines(affine, x.shape[1:], original.affine, original.shape[1:])
-            sink = LabelSink(grid, channels, keep_probabilities=keep_probabilities)
+            sink = LabelSink(grid, channels, keep_probabilities=keep_probabilities, probability_files=files)
             labels = np.zeros(tuple(original.shape[1:]), dtype=sink.labels.dtype)
         else:
-            x = x[(slice(None), *box)]
+            x = x[(slice(None), *box)].clone()  # a copy, so that the full preprocessed image can be freed
             shift = np.eye(4)
             shift[:3, 3] = [b.start for b in box]
             grid = GridMap.from_affines(affine @ shift, x.shape[1:], original.affine, original.shape[1:])
-            sink = LabelSink(grid, channels, keep_probabilities=keep_probabilities)
+            del prepared  # the window source is the cropped copy x
+            sink = LabelSink(grid, channels, keep_probabilities=keep_probabilities, probability_files=files)
             settings = self.window.engine(tta)
             for axis, start, logits in stream_logits(self.backend, x, settings, progress=progress):
                 sink.consume(axis, start, logits)
             labels = sink.finish()
+        if files is not None:
+            files.close()
         return Prediction.on_input_grid(
             torch.from_numpy(labels), original, self.label_names, sink.probabilities if keep_probabilities else None
         )

@@ -44,8 +44,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SLIDE_SUFFIXES",
+    "MissingMppError",
     "Slide",
     "SlideLevel",
+    "is_slide_file",
     "open_slide",
 ]
 
@@ -53,6 +55,10 @@ __all__ = [
 SLIDE_SUFFIXES: tuple[str, ...] = (
     ".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".tif", ".tiff",
 )  # fmt: skip
+#: Suffixes that always name a whole-slide image (``.tif`` / ``.tiff`` are slides only when tiled pyramids).
+VENDOR_SLIDE_SUFFIXES: tuple[str, ...] = tuple(s for s in SLIDE_SUFFIXES if s not in (".tif", ".tiff"))
+#: A tiled single-level TIFF larger than this on a side is read as a slide, not as a 2D image.
+SLIDE_MIN_SIDE = 8192
 #: Largest window :meth:`Slide.read_region` decodes at once (64 Mpx, 192 MiB of RGB).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 SlideBackend = Literal["auto", "openslide", "tifffile"]
@@ -556,6 +562,11 @@ def _levels(dims: list[tuple[int, int]], downsamples: list[float], mpp: tuple[fl
     )
 
 
+class MissingMppError(DataError):
+    """A slide that does not say how many microns a pixel spans, opened without ``mpp=`` (callers add their own
+    hint, such as a command-line option)."""
+
+
 def _resolve_mpp(
     found: tuple[tuple[float, float], str] | None, user: tuple[float, float] | None, path: Path
 ) -> tuple[tuple[float, float], str]:
@@ -566,7 +577,7 @@ def _resolve_mpp(
             )
         return user, "user"
     if found is None:
-        raise DataError(
+        raise MissingMppError(
             f"{path.name} does not say how many microns a pixel spans",
             expected="microns per pixel in the slide (openslide.mpp-x, Aperio MPP, OME PhysicalSizeX, or TIFF "
             "resolution in centimetres)",
@@ -626,6 +637,41 @@ def _tiff_properties(tif: Any) -> dict[str, str]:
     props = {f"tiff.{tag.name}": str(tag.value)[:500] for tag in page.tags if tag.name != "ImageDescription"}
     props["tiff.ImageDescription"] = str(getattr(page, "description", "") or "")[:2000]
     return props
+
+
+def is_slide_file(path: str | Path) -> bool:
+    """Whether ``path`` is a whole-slide image for :func:`open_slide` rather than a 2D image for ``load_image``.
+
+    Vendor suffixes (:data:`VENDOR_SLIDE_SUFFIXES`: ``.svs``, ``.ndpi``, ``.mrxs``, ``.scn``, ...) always are. A
+    ``.tif`` / ``.tiff`` is a slide when it is tiled and either holds a pyramid (reduced levels in SubIFDs or further
+    pages) or is larger than :data:`SLIDE_MIN_SIDE` pixels on a side; a stripped or small single-level TIFF is a 2D
+    image. Only the TIFF header is read.
+
+    Args:
+        path: a file path (a missing file, a folder or another suffix gives ``False``).
+
+    Returns:
+        ``True`` for a slide.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if not p.is_file() or suffix not in SLIDE_SUFFIXES:
+        return False
+    if suffix in VENDOR_SLIDE_SUFFIXES:
+        return True
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tif:
+            if not tif.series:
+                return False
+            series = tif.series[0]
+            page = series.levels[0].keyframe
+            if not page.is_tiled:
+                return False
+            return len(series.levels) > 1 or max(int(page.imagewidth), int(page.imagelength)) > SLIDE_MIN_SIDE
+    except Exception:  # not a readable TIFF: load_image reports what is wrong with it
+        return False
 
 
 def open_slide(

@@ -10,8 +10,8 @@ The rules follow nnU-Net v2's ``ExperimentPlanner`` (``docs/planning.md``):
   image, else over all voxels (``zscore``);
 * **patch size**: start from a 256³ (2D: 2048²) patch with the aspect ratio of the target spacing, cap it at the
   median shape at the target spacing, round each axis to the nearest multiple of the card's ``divisible_by`` (one
-  axis at least twice it, so the bottleneck is not a single voxel), then shrink the axis that
-  is largest relative to the median shape until a batch of 2 fits the memory budget;
+  axis at least twice it, so the bottleneck is not a single voxel; never below the card's ``min_size``), then shrink
+  the axis that is largest relative to the median shape until a batch of 2 fits the memory budget;
 * **batch size**: as many patches as fit, at least 2, at most enough to cover 5 % of the dataset's voxels;
 * **memory**: measured, not guessed: a forward and backward pass of *this* model at two small patch sizes
   (:func:`probe_memory`; CUDA: the allocator's peak, CPU: the bytes autograd saves plus the input) fits
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,7 +41,20 @@ from medseg.models import create_model, get_card
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLAN_FILE", "MemoryProbe", "Plan", "make_plan", "normalisation", "probe_memory", "target_spacing"]
+__all__ = [
+    "CONFIGURATIONS",
+    "PLANNED_KEYS",
+    "PLAN_FILE",
+    "Layout",
+    "MemoryProbe",
+    "Plan",
+    "lowres_layout",
+    "make_plan",
+    "merge_plan",
+    "normalisation",
+    "probe_memory",
+    "target_spacing",
+]
 
 PLAN_FILE = "plan.json"
 ANISOTROPY_THRESHOLD = 3.0
@@ -50,6 +63,8 @@ MIN_BATCH = 2
 MAX_DATASET_COVERED = 0.05
 CPU_RAM_SHARE = 0.25  # default CPU budget: this share of physical memory
 CUDA_MEMORY_SHARE = 0.85  # default CUDA budget: this share of the device's memory
+LOWRES_THRESHOLD = 0.25  # nnU-Net's lowres_creation_threshold: patch voxels / median image voxels
+LOWRES_STEP = 1.03  # nnU-Net's spacing_increase_factor
 
 
 def target_spacing(fingerprint: DatasetFingerprint) -> tuple[tuple[float, ...], bool]:
@@ -170,7 +185,11 @@ def probe_memory(
             hint="prompted models train on their own fixed input size; they need no plan",
         )
     dev = pick_device(device)
-    base = tuple(max(d, math.ceil(16 / d) * d) for d in card.divisible_by[: card.spatial_dims])
+    low = card.min_size or (1,) * card.spatial_dims
+    base = tuple(
+        max(d, math.ceil(16 / d) * d, math.ceil(m / d) * d)
+        for d, m in zip(card.divisible_by[: card.spatial_dims], low, strict=True)
+    )
     small, large = (*base[:-1], base[-1] * 2), (*base[:-1], base[-1] * 4)  # one axis twice: no 1-voxel bottleneck
     measured = []
     params = 0
@@ -218,6 +237,10 @@ class Plan:
         memory_budget_gib, estimated_gib: the budget and the predicted peak of one step.
         probe: the measured :class:`MemoryProbe` as a dict.
         fingerprint_digest: digest of the fingerprint the plan came from.
+        configuration: ``3d_fullres``, ``3d_lowres`` or ``2d`` (nnU-Net's names).
+        alternatives: the other configurations nnU-Net's rules create for this data (``3d_lowres`` when the
+            full-resolution patch covers less than a quarter of the median image), as ``{name: {target_spacing,
+            median_shape, patch_size, batch_size, estimated_gib}}``.
     """
 
     dataset: str
@@ -239,6 +262,8 @@ class Plan:
     estimated_gib: float
     probe: dict[str, Any] = field(default_factory=dict)
     fingerprint_digest: str = ""
+    configuration: str = "3d_fullres"
+    alternatives: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -274,6 +299,7 @@ class Plan:
         rows = [
             ("dataset", f"{self.dataset} ({self.modality}; channels {fmt(self.channel_modalities)})"),
             ("model", f"{self.model} ({self.spatial_dims}D) on {self.device}"),
+            ("configuration", self.configuration),
             (
                 "target spacing (mm)",
                 fmt(f"{s:.3g}" for s in self.target_spacing) + (" (anisotropic)" * self.anisotropic),
@@ -295,6 +321,15 @@ class Plan:
             ("augmentation", self.augmentation),
             ("memory (est. / budget)", f"{self.estimated_gib:.2f} / {self.memory_budget_gib:.2f} GiB"),
         ]
+        for name, alt in self.alternatives.items():
+            rows.append(
+                (
+                    f"also: {name}",
+                    f"spacing {', '.join(f'{s:.3g}' for s in alt['target_spacing'])}; patch "
+                    + " x ".join(str(p) for p in alt["patch_size"])
+                    + f"; batch {alt['batch_size']} (--configuration {name})",
+                )
+            )
         return rows
 
     def table(self) -> str:
@@ -304,16 +339,136 @@ class Plan:
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _initial_patch(spacing: Sequence[float], median_shape: Sequence[float], divisible: Sequence[int]) -> list[int]:
+def _initial_patch(
+    spacing: Sequence[float], median_shape: Sequence[float], divisible: Sequence[int], smallest: Sequence[int]
+) -> list[int]:
     tmp = 1.0 / np.asarray(spacing, dtype=np.float64)
     volume = 256.0**3 if len(tmp) == 3 else 2048.0**2
     patch = np.round(tmp * (volume / np.prod(tmp)) ** (1.0 / len(tmp)))
     patch = np.minimum(patch, np.asarray(median_shape))
-    out = [max(round(p / d), 1) * d for p, d in zip(patch, divisible, strict=True)]  # nearest multiple
+    out = [max(round(p / d) * d, s) for p, d, s in zip(patch, divisible, smallest, strict=True)]  # nearest multiple
     if all(p == d for p, d in zip(out, divisible, strict=True)):  # a 1-voxel bottleneck: InstanceNorm cannot train
         axis = int(np.argmax(np.asarray(median_shape) / np.asarray(divisible)))
         out[axis] *= 2
     return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One configuration's geometry: target spacing, the median shape at it, and the patch and batch that fit."""
+
+    spacing: tuple[float, ...]
+    median: tuple[float, ...]
+    patch: tuple[int, ...]
+    batch: int
+
+    def summary(self, probe: MemoryProbe) -> dict[str, Any]:
+        """JSON form, with the predicted memory of one step."""
+        return {
+            "target_spacing": list(self.spacing),
+            "median_shape": list(self.median),
+            "patch_size": list(self.patch),
+            "batch_size": self.batch,
+            "estimated_gib": probe.bytes(self.patch, self.batch) / 2**30,
+        }
+
+
+def _fit_layout(
+    fingerprint: DatasetFingerprint,
+    spacing: Sequence[float],
+    model_name: str,
+    probe: MemoryProbe,
+    budget_gib: float,
+    *,
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> Layout:
+    """Patch (shrunk until a batch of 2 fits) and batch (as many as fit, capped at 5 % of the data) at ``spacing``.
+
+    A given ``patch_size`` or ``batch_size`` is kept as it is (a config file's choice); the other is fitted around it.
+    """
+    card = get_card(model_name)
+    budget = budget_gib * 2**30
+    median = median_shape_at_spacing(fingerprint, spacing)
+    dims = card.spatial_dims
+    plan_axes = list(range(dims)) if dims == 3 else [0, 1]  # a 2D model sees (X, Y) planes along Z
+    divisible = [int(d) for d in card.divisible_by[:dims]]
+    # the smallest patch per axis: one divisor, or the card's min_size rounded up to a multiple of it
+    smallest = [max(d, math.ceil(m / d) * d) for d, m in zip(divisible, card.min_size or (1,) * dims, strict=True)]
+    axis_median = [max(median[a], 1.0) for a in plan_axes]
+    axis_spacing = [spacing[a] for a in plan_axes]
+    if patch_size is not None:
+        patch = [int(p) for p in patch_size]
+    else:
+        patch = _initial_patch(axis_spacing, axis_median, divisible, smallest)
+        while probe.bytes(patch, MIN_BATCH) > budget:
+            ratios = [p / m if p > s else -1.0 for p, m, s in zip(patch, axis_median, smallest, strict=True)]
+            if sum(p > d for p, d in zip(patch, divisible, strict=True)) == 1:  # keep one axis at 2x its divisor
+                ratios = [r if p > 2 * d else -1.0 for r, p, d in zip(ratios, patch, divisible, strict=True)]
+            axis = int(np.argmax(ratios))
+            if ratios[axis] < 0:
+                raise ConfigError(
+                    f"model {model_name!r} does not fit {budget_gib:.2f} GiB even with a {patch} patch "
+                    f"(predicted {probe.bytes(patch, MIN_BATCH) / 2**30:.2f} GiB for a batch of {MIN_BATCH})",
+                    expected=f"a memory budget above {probe.bytes(patch, MIN_BATCH) / 2**30:.2f} GiB",
+                    hint="raise --memory-gib, choose a smaller model, or plan for another device",
+                )
+            patch[axis] -= divisible[axis]
+    if batch_size is not None:
+        batch = int(batch_size)
+    else:
+        voxels = float(np.prod(patch))
+        fit = int((budget - probe.fixed) // (probe.per_voxel * voxels))
+        dataset_voxels = float(np.prod(axis_median)) * len(fingerprint.cases)
+        if dims == 2:
+            dataset_voxels *= max(median[2], 1.0)
+        cap = round(dataset_voxels * MAX_DATASET_COVERED / voxels)
+        batch = max(min(fit, cap), MIN_BATCH)
+    if probe.bytes(patch, batch) > budget:
+        logger.warning(
+            "patch %s with batch %d is predicted to need %.2f GiB, above the %.2f GiB budget",
+            patch,
+            batch,
+            probe.bytes(patch, batch) / 2**30,
+            budget_gib,
+        )
+    return Layout(tuple(float(s) for s in spacing), median, tuple(patch), batch)
+
+
+def lowres_layout(
+    fingerprint: DatasetFingerprint,
+    fullres: Layout,
+    model_name: str,
+    probe: MemoryProbe,
+    budget_gib: float,
+) -> Layout | None:
+    """nnU-Net's ``3d_lowres`` rule on top of the full-resolution layout, or ``None`` when it creates none.
+
+    While the patch covers less than a quarter of the median image, the spacing grows by 3 % per step (first only
+    the axes more than 2× finer than the coarsest, then all), and the patch is fitted again at each step. The
+    configuration is dropped when the median image at the low-res spacing has not at least halved in voxels.
+    """
+    full_median = np.asarray(fullres.median, dtype=np.float64)
+    spacing = np.asarray(fullres.spacing, dtype=np.float64)
+    median_voxels = float(np.prod(full_median))
+    patch_voxels = float(np.prod(fullres.patch))
+    layout = None
+    while patch_voxels / median_voxels < LOWRES_THRESHOLD:
+        coarsest = spacing.max()
+        fine = coarsest / spacing > 2
+        if fine.any():
+            spacing[fine] *= LOWRES_STEP
+        else:
+            spacing *= LOWRES_STEP
+        median_voxels = float(np.prod(np.asarray(fullres.spacing) / spacing * full_median))
+        layout = _fit_layout(fingerprint, tuple(spacing), model_name, probe, budget_gib)
+        patch_voxels = float(np.prod(layout.patch))
+    if layout is None or float(np.prod(full_median)) / median_voxels < 2:
+        return None
+    return layout
+
+
+CONFIGURATIONS = ("auto", "3d_fullres", "3d_lowres", "2d")
 
 
 def make_plan(
@@ -324,6 +479,10 @@ def make_plan(
     memory_gib: float | None = None,
     model_kwargs: dict[str, Any] | None = None,
     probe: MemoryProbe | None = None,
+    configuration: str = "auto",
+    spacing: Sequence[float] | None = None,
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
 ) -> Plan:
     """Plan training of ``model_name`` on the fingerprinted dataset (see the module docstring for the rules).
 
@@ -334,45 +493,59 @@ def make_plan(
         memory_gib: memory budget of one training step (default :func:`default_budget_gib`).
         model_kwargs: builder keyword arguments of the model (``model.kwargs``).
         probe: a measured probe to reuse (default: measured now).
+        configuration: ``auto`` (``2d`` for 2D models, else ``3d_fullres``), ``3d_fullres``, ``3d_lowres`` (nnU-Net's
+            low-resolution rule; refused when the data is small enough not to need one) or ``2d``.
+        spacing, patch_size, batch_size: fixed by the caller (a config file): kept as they are, the rest planned
+            around them.
 
     Raises:
-        ConfigError: the model needs prompts, the device is unavailable, or even the smallest patch does not fit.
+        ConfigError: the model needs prompts, the device is unavailable, the configuration does not fit the model
+            or the data, or even the smallest patch does not fit.
     """
     card = get_card(model_name)
+    if configuration not in CONFIGURATIONS:
+        raise ConfigError(f"unknown configuration {configuration!r}", expected=", ".join(CONFIGURATIONS))
+    dims = card.spatial_dims
+    if configuration == "auto":
+        configuration = "2d" if dims == 2 else "3d_fullres"
+    if (configuration == "2d") != (dims == 2):
+        raise ConfigError(
+            f"configuration {configuration!r} does not fit model {model_name!r}, which is {dims}D",
+            expected="2d for 2D models, 3d_fullres or 3d_lowres for 3D models",
+            hint="choose a 2D model (e.g. unet2d) for a 2d plan" if configuration == "2d" else "use --configuration 2d",
+        )
     n_channels = len(fingerprint.channels)
     probe = probe or probe_memory(
         model_name, n_channels, fingerprint.label_names, device=device, model_kwargs=model_kwargs
     )
     budget_gib = memory_gib if memory_gib is not None else default_budget_gib(device)
-    budget = budget_gib * 2**30
-    spacing, anisotropic = target_spacing(fingerprint)
-    median = median_shape_at_spacing(fingerprint, spacing)
-    dims = card.spatial_dims
-    plan_axes = list(range(dims)) if dims == 3 else [0, 1]  # a 2D model sees (X, Y) slices
-    divisible = [int(d) for d in card.divisible_by[:dims]]
-    axis_median = [max(median[a], 1.0) for a in plan_axes]
-    axis_spacing = [spacing[a] for a in plan_axes]
-    patch = _initial_patch(axis_spacing, axis_median, divisible)
-    while probe.bytes(patch, MIN_BATCH) > budget:
-        ratios = [p / m if p > d else -1.0 for p, m, d in zip(patch, axis_median, divisible, strict=True)]
-        if sum(p > d for p, d in zip(patch, divisible, strict=True)) == 1:  # keep one axis at 2x its divisor
-            ratios = [r if p > 2 * d else -1.0 for r, p, d in zip(ratios, patch, divisible, strict=True)]
-        axis = int(np.argmax(ratios))
-        if ratios[axis] < 0:
-            raise ConfigError(
-                f"model {model_name!r} does not fit {budget_gib:.2f} GiB even with a {patch} patch "
-                f"(predicted {probe.bytes(patch, MIN_BATCH) / 2**30:.2f} GiB for a batch of {MIN_BATCH})",
-                expected=f"a memory budget above {probe.bytes(patch, MIN_BATCH) / 2**30:.2f} GiB",
-                hint="raise --memory-gib, choose a smaller model, or plan for another device",
-            )
-        patch[axis] -= divisible[axis]
-    voxels = float(np.prod(patch))
-    fit = int((budget - probe.fixed) // (probe.per_voxel * voxels))
-    dataset_voxels = float(np.prod(axis_median)) * len(fingerprint.cases)
-    if dims == 2:
-        dataset_voxels *= max(median[2], 1.0)
-    cap = round(dataset_voxels * MAX_DATASET_COVERED / voxels)
-    batch = max(min(fit, cap), MIN_BATCH)
+    planned_spacing, anisotropic = target_spacing(fingerprint)
+    fixed = {"patch_size": patch_size, "batch_size": batch_size}
+    full = _fit_layout(fingerprint, spacing or planned_spacing, model_name, probe, budget_gib, **fixed)
+    alternatives: dict[str, dict[str, Any]] = {}
+    layout = full
+    if dims == 3 and spacing is None:
+        low = lowres_layout(fingerprint, full, model_name, probe, budget_gib)
+        if configuration == "3d_lowres":
+            if low is None:
+                raise ConfigError(
+                    f"no 3d_lowres configuration for {fingerprint.dataset}: the 3d_fullres patch {list(full.patch)} "
+                    f"already covers a quarter of the median image {[round(m) for m in full.median]}",
+                    expected="data whose median image is more than 4x the full-resolution patch",
+                    hint="use --configuration 3d_fullres",
+                )
+            layout = _fit_layout(fingerprint, low.spacing, model_name, probe, budget_gib, **fixed)
+            alternatives["3d_fullres"] = full.summary(probe)
+        elif low is not None:
+            alternatives["3d_lowres"] = low.summary(probe)
+    elif configuration == "3d_lowres":
+        raise ConfigError("--configuration 3d_lowres plans its own spacing; data.spacing is set", hint="unset it")
+    if dims == 2 and anisotropic and int(np.argmax(planned_spacing)) != 2:
+        logger.warning(
+            "the coarse axis of %s is axis %d, but a 2D model sees (X, Y) planes along Z",
+            fingerprint.dataset,
+            int(np.argmax(planned_spacing)),
+        )
     preset, stats = normalisation(fingerprint)
     gamma = preset != "ct_fingerprint"
     return Plan(
@@ -382,20 +555,64 @@ def make_plan(
         spatial_dims=dims,
         modality=fingerprint.modality,
         channel_modalities=tuple(c.modality for c in fingerprint.channels),
-        target_spacing=spacing,
+        target_spacing=layout.spacing,
         anisotropic=anisotropic,
-        median_shape=median,
-        patch_size=tuple(patch),
-        batch_size=batch,
+        median_shape=layout.median,
+        patch_size=layout.patch,
+        batch_size=layout.batch,
         preset=preset,
         intensity=stats,
         fg_ratio=FG_RATIO,
         augmentation="affine (p 0.2), flips, intensity scale/shift/noise" + (", gamma" if gamma else ""),
         memory_budget_gib=float(budget_gib),
-        estimated_gib=probe.bytes(patch, batch) / 2**30,
+        estimated_gib=probe.bytes(layout.patch, layout.batch) / 2**30,
         probe=asdict(probe),
         fingerprint_digest=fingerprint.digest,
+        configuration=configuration,
+        alternatives=alternatives,
     )
+
+
+#: Config keys a plan sets (:meth:`Plan.config_changes`).
+PLANNED_KEYS = (
+    "data.spacing",
+    "data.preset",
+    "data.intensity",
+    "model.roi_size",
+    "train.batch_size",
+    "train.fg_ratio",
+)
+
+
+def merge_plan(
+    plan: Plan, config: ExperimentConfig, given: Mapping[str, str]
+) -> tuple[ExperimentConfig, dict[str, str]]:
+    """``config`` with the plan's fields, except those a config file (or option) sets explicitly.
+
+    Args:
+        plan: the plan (made with the given spacing / patch / batch fixed, so the rest fits around them).
+        config: the config from the file and the command line.
+        given: ``{"section.key": source}`` of the settings stated explicitly (e.g. ``"--config run.yaml"``).
+
+    Returns:
+        The merged config and ``{"section.key": source}`` for every planned key (``"plan"`` or the given source).
+        ``data.intensity`` follows the preset: the plan's CT numbers are kept when the given preset is the plan's
+        ``ct_fingerprint``; with another given preset, the config's own (usually none) stay.
+    """
+    changes = plan.config_changes()
+    sources: dict[str, str] = {}
+    for key in PLANNED_KEYS:
+        section, name = key.split(".")
+        if key in given:
+            changes[section].pop(name, None)
+            sources[key] = given[key]
+        else:
+            sources[key] = "plan"
+    if "data.preset" in given and "data.intensity" not in given:
+        if not (config.data.preset == "ct_fingerprint" == plan.preset):
+            changes["data"].pop("intensity", None)
+            sources["data.intensity"] = given["data.preset"] + " (follows data.preset)"
+    return config.updated(changes), sources
 
 
 #: Presets that normalise as CT; refused on data declared as another modality unless forced.

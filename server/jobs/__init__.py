@@ -1,4 +1,5 @@
-"""Asynchronous jobs: a persistent SQLite store and one worker process with a real per-job timeout.
+"""Asynchronous jobs: a persistent store (SQLite, or PostgreSQL shared by replicas) and one worker process per
+replica with a real per-job timeout.
 
 Design (one module each: :mod:`server.jobs.store`, :mod:`server.jobs.worker`, :mod:`server.jobs.manager`):
 
@@ -17,13 +18,18 @@ Design (one module each: :mod:`server.jobs.store`, :mod:`server.jobs.worker`, :m
   ``"timed out after N s"``, and a fresh worker starts for the next job. ``DELETE`` of a running job kills the worker
   the same way. The worker exits by itself when the server process dies (it watches its parent pid), so a
   ``kill -9`` of the server leaves no orphan computing.
-* **Recovery** on start: jobs left ``running`` by a killed server are re-queued once; a job that was already retried
-  is ``failed`` with ``"server restarted during the job"``. ``queued`` jobs simply run. No accepted job vanishes.
-  A graceful stop puts the running job back in the queue without counting the attempt.
+* **Leases**: a claimed job records ``lease_owner`` (the replica) and ``lease_expires``; the running replica renews
+  the lease, and any replica may claim a ``running`` job whose lease expired (counting an attempt).
+* **Recovery** on start: this replica's own ``running`` jobs, jobs without a lease and jobs whose lease expired are
+  re-queued once; a job that was already retried is ``failed`` with ``"server restarted during the job"``.
+  ``queued`` jobs simply run. No accepted job vanishes. A graceful stop puts the running job back in the queue
+  without counting the attempt.
 * **Capacity**: ``submit`` refuses with 503 + ``Retry-After`` when ``settings.max_queue`` jobs are queued or
   running (checked and inserted in one ``BEGIN IMMEDIATE`` transaction).
 
-The store assumes one server process per ``data_dir`` (recovery re-queues every ``running`` row it finds).
+With SQLite (the default) one server process owns ``data_dir``; with ``settings.jobs_database_url`` several replicas
+share one PostgreSQL store (:mod:`server.jobs.pg_store`, claims with ``FOR UPDATE SKIP LOCKED``) and one
+``shared_dir`` (``docs/distributed.md``).
 
 Files: ``data_dir/jobs/<id>/input...`` (the upload: an image file or an extracted DICOM series folder) and
 ``data_dir/jobs/<id>/result.<ext>``; ``DELETE`` of a finished job removes the row and the folder.

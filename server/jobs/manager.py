@@ -14,8 +14,8 @@ from typing import Any
 
 from medseg.core.atomic import atomic_open
 from server.errors import ApiError
-from server.jobs.store import ACTIVE, PROMPTS_FILE, RESTART_REASON, Job, JobStore
-from server.jobs.worker import Worker
+from server.jobs.store import ACTIVE, PROMPTS_FILE, RESTART_REASON, Job, JobStoreBase, open_job_store
+from server.jobs.worker import SLIDE_FILE, Worker
 from server.results import OUTPUTS
 from server.schemas import JobState, OutputFormat
 from server.settings import Settings
@@ -25,6 +25,12 @@ logger = logging.getLogger("server")
 #: How long a fresh worker may take to import torch and report ready.
 WORKER_START_TIMEOUT_S = 300.0
 _POLL_S = 0.1
+
+
+def heartbeat_s(lease_s: float) -> float:
+    """How often a running job's lease is renewed (and a cancel on another replica noticed): a third of the lease,
+    at most 2 s."""
+    return min(lease_s / 3.0, 2.0)
 
 
 class JobManager:
@@ -37,8 +43,11 @@ class JobManager:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.root = settings.data_dir / "jobs"
-        self._store: JobStore | None = None
+        self.root = settings.jobs_dir
+        self.replica_id = settings.new_replica_id()
+        self._lease_s = settings.job_lease_s
+        self._heartbeat_s = heartbeat_s(settings.job_lease_s)
+        self._store: JobStoreBase | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -51,8 +60,8 @@ class JobManager:
     def start(self) -> None:
         """Open the store, recover jobs a killed server left behind, start the dispatcher thread."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._store = JobStore(self.settings.jobs_db)
-        requeued, failed = self._store.recover()
+        self._store = open_job_store(self.settings, self.replica_id)
+        requeued, failed = self._store.recover(self.replica_id)  # expired leases and this replica's own only
         if requeued or failed:
             logger.warning("job recovery: %d re-queued, %d failed (%s)", requeued, failed, RESTART_REASON)
         self._stop.clear()
@@ -76,7 +85,7 @@ class JobManager:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     @property
-    def store(self) -> JobStore:
+    def store(self) -> JobStoreBase:
         if self._store is None:
             raise ApiError(503, "NotReady", "the job store is not open", headers={"Retry-After": "5"})
         return self._store
@@ -107,6 +116,7 @@ class JobManager:
         model_dir: Path | None = None,
         stem: str = "image",
         prompts: dict[str, Any] | None = None,
+        slide: dict[str, Any] | None = None,
     ) -> str:
         """Queue a job; takes ownership of ``input_path`` (moved into the job folder). Returns the job id.
 
@@ -118,6 +128,8 @@ class JobManager:
             model_dir: the model's folder (default ``settings.models_dir / model_name``).
             stem: base of the result's download name.
             prompts: JSON form of the prompts of a prompted model (kept beside the input as ``prompts.json``).
+            slide: a whole-slide job's options (``target_mpp``, ``slide_mpp``; kept beside the input as
+                ``slide.json``): the worker predicts the slide tile by tile and stores its outputs as a zip.
 
         Raises:
             ApiError: 503 + ``Retry-After`` when ``max_queue`` jobs are queued or running.
@@ -133,10 +145,14 @@ class JobManager:
         if prompts is not None:
             with atomic_open(folder / PROMPTS_FILE) as fh:
                 json.dump(prompts, fh)
+        if slide is not None:
+            with atomic_open(folder / SLIDE_FILE) as fh:
+                json.dump(slide, fh)
+        model_dir = model_dir if model_dir is not None else self.settings.models_dir / model_name
         job = Job(
             id=job_id,
             model=model_name,
-            model_dir=str(model_dir if model_dir is not None else self.settings.models_dir / model_name),
+            model_dir=_relative(model_dir, self.settings.models_dir),
             state=JobState.queued.value,
             progress=0.0,
             output=output.value,
@@ -147,7 +163,7 @@ class JobManager:
             finished=None,
             attempts=0,
             error=None,
-            input_path=str(target),
+            input_path=_relative(target, self.root),  # replicas may mount the shared folder elsewhere
             result_path=None,
             label_names=None,
         )
@@ -176,7 +192,7 @@ class JobManager:
                 f"job {job_id} is {job.state}{reason}",
                 hint="poll GET /v1/jobs/{id} until its state is done" if job.state in ACTIVE else None,
             )
-        return Path(job.result_path)
+        return self.root / job.result_path
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued/running job (``"cancelled"``) or delete a finished one with its files (``"deleted"``)."""
@@ -188,8 +204,10 @@ class JobManager:
         ):
             return cancelled
         if job.state == JobState.running.value:
+            mine = job.lease_owner == self.replica_id  # another replica's job stops at its next heartbeat
             with self._cancel_lock:
-                self._cancel.add(job_id)
+                if mine:
+                    self._cancel.add(job_id)
             if self.store.transition(job_id, job.state, state=cancelled, finished=now, error="cancelled by request"):
                 self._wake.set()
                 return cancelled
@@ -207,7 +225,7 @@ class JobManager:
     def _dispatch(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self.store.next_queued()
+                job = self.store.claim(self.replica_id, self._lease_s)
                 if job is None:
                     self._wake.wait(1.0)
                     self._wake.clear()
@@ -231,20 +249,39 @@ class JobManager:
 
     def _fail(self, job: Job, reason: str) -> None:
         logger.warning("job %s failed: %s", job.id, reason)
-        self.store.transition(
-            job.id, JobState.running.value, state=JobState.failed.value, error=reason, finished=time.time()
-        )
+        self.store.finish(job.id, self.replica_id, state=JobState.failed.value, error=reason, finished=time.time())
+
+    def _lease_held(self, job: Job, beat: list[float], progress: float | None = None) -> bool:
+        """Renew the job's lease when due (every ``heartbeat_s``) or with a progress value. False when the row is
+        no longer this replica's running job: cancelled on any replica, or taken over after the lease expired."""
+        now = time.monotonic()
+        if progress is None and now < beat[0]:
+            return True
+        beat[0] = now + self._heartbeat_s
+        try:
+            if self.store.renew(job.id, self.replica_id, self._lease_s, progress):
+                return True
+            current = self.store.get(job.id)
+        except Exception:  # the store is unreachable for a moment: keep working; the lease decides later
+            logger.warning("job %s: lease renewal failed", job.id, exc_info=True)
+            return True
+        if current is not None and current.state == JobState.cancelled.value:
+            logger.info("job %s cancelled while running: worker killed", job.id)
+        else:
+            logger.warning("job %s is no longer held by this replica (lease lost): worker killed", job.id)
+        return False
 
     def _worker_ready(self, job: Job) -> bool:
         """Start the worker if needed and wait for its 'ready'; False when stopping, cancelled or it failed."""
         if self._worker is not None and not self._worker.process.is_alive():
             self._discard_worker()
         if self._worker is None:
-            self._worker = Worker()
+            self._worker = Worker(threads=self.settings.worker_threads)
         worker = self._worker
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        beat = [time.monotonic() + self._heartbeat_s]
         while not worker.ready:
-            if self._stop.is_set() or self._cancelled(job.id):
+            if self._stop.is_set() or self._cancelled(job.id) or not self._lease_held(job, beat):
                 return False
             try:
                 if worker.conn.poll(_POLL_S):
@@ -259,10 +296,7 @@ class JobManager:
         return True
 
     def _execute(self, job: Job) -> None:
-        running = JobState.running.value
-        if not self.store.transition(job.id, JobState.queued.value, state=running, started=time.time(), progress=0.0):
-            return
-        self.store.add_attempts(job.id, 1)
+        """Run a job :meth:`JobStoreBase.claim` gave this replica (``running``, attempt counted, lease held)."""
         if not self._worker_ready(job):
             if self._stop.is_set():
                 self._requeue(job)
@@ -274,8 +308,8 @@ class JobManager:
         task = {
             "id": job.id,
             "model": job.model,
-            "model_dir": job.model_dir,
-            "input_path": job.input_path,
+            "model_dir": str(self.settings.models_dir / job.model_dir),
+            "input_path": str(self.root / job.input_path),
             "output": job.output,
             "tta": job.tta,
             "result_path": str(self.root / job.id / f"result{suffix}"),
@@ -285,6 +319,7 @@ class JobManager:
         worker.conn.send(task)
         timeout = self.settings.job_timeout_s
         deadline = time.monotonic() + timeout
+        beat = [time.monotonic() + self._heartbeat_s]
         while True:
             if self._stop.is_set():
                 self._discard_worker()
@@ -292,6 +327,9 @@ class JobManager:
                 return
             if self._cancelled(job.id):
                 logger.info("job %s cancelled while running: worker killed", job.id)
+                self._discard_worker()
+                return
+            if not self._lease_held(job, beat):
                 self._discard_worker()
                 return
             remaining = deadline - time.monotonic()
@@ -312,16 +350,17 @@ class JobManager:
                 continue
             kind = message[0]
             if kind == "progress":
-                self.store.transition(job.id, running, progress=float(message[2]))
+                if not self._lease_held(job, beat, float(message[2])):
+                    self._discard_worker()
+                    return
             elif kind == "done":
-                done = JobState.done.value
-                self.store.transition(
+                self.store.finish(
                     job.id,
-                    running,
-                    state=done,
+                    self.replica_id,
+                    state=JobState.done.value,
                     progress=1.0,
                     finished=time.time(),
-                    result_path=message[2],
+                    result_path=_relative(Path(message[2]), self.root),
                     label_names=json.dumps(message[3]),
                 )
                 logger.info("job %s done", job.id)
@@ -332,5 +371,13 @@ class JobManager:
 
     def _requeue(self, job: Job) -> None:
         """Back to the queue after a graceful stop; the interrupted attempt does not count."""
-        if self.store.transition(job.id, JobState.running.value, state=JobState.queued.value, progress=0.0):
-            self.store.add_attempts(job.id, -1)
+        self.store.release(job.id, self.replica_id)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies inside it (rows stay valid where replicas mount ``root``
+    elsewhere), else the path unchanged."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)

@@ -17,6 +17,11 @@ from server.errors import ApiError
 from server.jobs.store import PROMPTS_FILE
 from server.schemas import OutputFormat
 
+#: Beside a job's input: the options of a whole-slide job (its presence makes the job a slide job).
+SLIDE_FILE = "slide.json"
+#: Folder (beside the input) holding a slide job's outputs; ``result.zip`` holds the same files.
+SLIDE_RESULT_DIR = "slide"
+
 
 def _exit_with_parent(poll_s: float = 0.5) -> None:
     """Exit this process as soon as its parent (the server) is gone, even mid-inference."""
@@ -44,6 +49,8 @@ def _run_task(task: dict[str, Any], cache: dict[str, Any], conn: Connection) -> 
         model = cache[task["model_dir"]] = open_predictor(Path(task["model_dir"]), device=task["device"])
     conn.send(("progress", job_id, 0.3))
     source = Path(task["input_path"])
+    if (source.parent / SLIDE_FILE).is_file():
+        return _run_slide(task, model, source, conn)
     image = load_image(source)
     conn.send(("progress", job_id, 0.4))
     prompts_file = source.parent / PROMPTS_FILE
@@ -56,17 +63,56 @@ def _run_task(task: dict[str, Any], cache: dict[str, Any], conn: Connection) -> 
             reported[0] = value
             conn.send(("progress", job_id, round(value, 3)))
 
+    if model.task == "classification":  # one class per image: the JSON the synchronous endpoint answers
+        result = Path(task["result_path"]).with_suffix(".json")
+        result.write_text(json.dumps(model.predict_class(image, prompts=prompts).to_dict()))
+        return str(result), list(model.label_names)
     prediction = model.predict(image, tta=task["tta"], prompts=prompts, progress=advance)
     conn.send(("progress", job_id, 0.9))
     path = write_result(
         prediction,
         OutputFormat(task["output"]),
-        source if source.is_dir() else None,
+        source if source.is_dir() or source.suffix == ".dcm" else None,  # a series folder, or an XA / US file
         Path(task["result_path"]),
         model_name=task["model"],
         model_version=task["model_version"],
     )
     return str(path), list(prediction.label_names)
+
+
+def _run_slide(task: dict[str, Any], model: Any, source: Path, conn: Connection) -> tuple[str, list[str]]:
+    """A whole-slide job: the CLI's slide path (:func:`medseg.data.slide_inference.predict_slide_file`) into
+    ``slide/`` beside the input, then ``result.zip`` of those files (the job's result)."""
+    import shutil
+    import zipfile
+
+    from medseg.data.slide_inference import predict_slide_file
+
+    job_id = task["id"]
+    options = json.loads((source.parent / SLIDE_FILE).read_text())
+    reported = [0.3]
+
+    def advance(done: int, total: int) -> None:  # tiles done: 0.3 .. 0.9, at most every 5 %
+        value = 0.3 + 0.6 * done / max(total, 1)
+        if value - reported[0] >= 0.05 or done == total:
+            reported[0] = value
+            conn.send(("progress", job_id, round(value, 3)))
+
+    folder = source.parent / SLIDE_RESULT_DIR
+    shutil.rmtree(folder, ignore_errors=True)  # a retried job starts clean
+    result = predict_slide_file(
+        model, source, folder, target_mpp=options.get("target_mpp"), slide_mpp=options.get("slide_mpp"),
+        progress=advance,
+    )  # fmt: skip
+    summary = {**result.to_dict(), "files": {k: p.name for k, p in result.files.items()}}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    archive = source.parent / "result.zip"
+    partial = archive.with_suffix(".zip.partial")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, path.name)
+    partial.replace(archive)
+    return str(archive), list(result.label_names)
 
 
 def _public(reason: str, task: dict[str, Any]) -> str:
@@ -75,15 +121,20 @@ def _public(reason: str, task: dict[str, Any]) -> str:
     return reason.replace(job_dir + os.sep, "").replace(job_dir, "job").replace(task["model_dir"], task["model"])
 
 
-def worker_main(conn: Connection) -> None:
-    """Entry point of the worker process: report ready, then run tasks from ``conn`` until EOF or ``None``."""
+def worker_main(conn: Connection, threads: int | None = None) -> None:
+    """Entry point of the worker process: report ready (with its torch thread count), then run tasks from ``conn``
+    until EOF or ``None``. ``threads`` sets torch's intra-op threads (``None``: torch's default, every core)."""
     _exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s medseg-worker %(levelname)s %(message)s")
+    import torch
+
     import medseg.api  # noqa: F401  (torch, monai and medseg imported once, before the first job)
     import server.results  # noqa: F401
     from medseg.core.errors import MedsegError
 
-    conn.send(("ready", os.getpid()))
+    if threads is not None:  # replicas sharing a machine split its cores instead of each taking all of them
+        torch.set_num_threads(threads)
+    conn.send(("ready", os.getpid(), torch.get_num_threads()))
     cache: dict[str, Any] = {}
     while True:
         try:
@@ -105,12 +156,13 @@ def worker_main(conn: Connection) -> None:
 
 
 class Worker:
-    """The server side of one worker process."""
+    """The server side of one worker process (``threads``: its torch threads, ``None`` for torch's default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(child,), name="medseg-job-worker", daemon=True)
+        self.threads = threads
+        self.process = ctx.Process(target=worker_main, args=(child, threads), name="medseg-job-worker", daemon=True)
         self.process.start()
         child.close()
         self.ready = False

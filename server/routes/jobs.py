@@ -7,6 +7,8 @@ fails only for a real fault or its timeout. The job runs in the worker process o
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
@@ -14,12 +16,19 @@ from fastapi.responses import FileResponse, JSONResponse
 from server.errors import ApiError
 from server.jobs import JobManager
 from server.prompts import PROMPTS_DESCRIPTION, parse_prompts
-from server.results import LABEL_HEADER, check_output, file_response
+from server.results import (
+    LABEL_HEADER,
+    SLIDE_FORMATS,
+    check_output,
+    file_response,
+    job_output,
+    slide_file_response,
+)
 from server.routes.predict import pick, require_multipart
 from server.schemas import JobCreated, JobDeleted, JobStatus, OutputFormat, error_responses
 from server.security import require_auth
 from server.settings import Settings
-from server.uploads import open_image, receive_upload
+from server.uploads import check_slide, open_image, receive_upload
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_auth)])
 
@@ -51,13 +60,23 @@ async def create_job(
     tta_q: bool | None = Query(None, alias="tta"),
     prompts_f: str | None = Form(None, alias="prompts", description=PROMPTS_DESCRIPTION),
     prompts_q: str | None = Query(None, alias="prompts"),
+    mpp_f: float | None = Form(None, alias="mpp", gt=0, description="whole slides: microns per pixel of the tiles"),
+    mpp_q: float | None = Query(None, alias="mpp", gt=0),
+    slide_mpp_f: float | None = Form(
+        None, alias="slide_mpp", gt=0, description="whole slides: level-0 microns per pixel when the file has none"
+    ),
+    slide_mpp_q: float | None = Query(None, alias="slide_mpp", gt=0),
 ) -> JSONResponse:
-    """Accept a job (202 + id); poll ``GET /v1/jobs/{id}``, then fetch ``/result``. 503 + Retry-After when full."""
+    """Accept a job (202 + id); poll ``GET /v1/jobs/{id}``, then fetch ``/result``. 503 + Retry-After when full.
+
+    A whole slide (``.svs``, ``.ndpi``, ``.scn``, pyramidal ``.tif``, ...) is predicted tile by tile; its result is a
+    zip of the slide outputs, or one of them with ``?format=``. A classifier's job answers
+    ``{label, label_name, probabilities}``."""
     settings: Settings = request.app.state.settings
     name = pick(model_q, model_f, None)
     if not name:
         raise ApiError(422, "ValidationError", "the field `model` is missing", hint="add -F model=<name>")
-    output = pick(output_q, output_f, OutputFormat.nifti)
+    output_given = pick(output_q, output_f, None)
     tta = pick(tta_q, tta_f, None)
     store = request.app.state.models
     model = store.get(name)
@@ -67,19 +86,30 @@ async def create_job(
     jobs.check_capacity()
     upload = await receive_upload(file, settings)
     try:
-        check_output(output, upload.is_dicom)
-        image = await run_in_threadpool(open_image, upload, settings)
-        model.check_input(image, prompts)  # channels, dimensions, prompts inside the image: fail now, not in the job
-        del image
+        slide = None
+        if upload.is_slide:  # tile by tile in the job; only the slide's format and pixel size are checked now
+            output = job_output(model, name, output_given, slide=True)
+            slide_mpp = pick(slide_mpp_q, slide_mpp_f, None)
+            await run_in_threadpool(check_slide, upload, slide_mpp)
+            slide = {"target_mpp": pick(mpp_q, mpp_f, None), "slide_mpp": slide_mpp}
+        else:
+            output = job_output(model, name, output_given, slide=False)
+            check_output(output, upload.is_dicom or upload.suffix == ".dcm")  # a .dcm: an XA / US image
+            image = await run_in_threadpool(open_image, upload, settings)
+            model.check_input(image, prompts)  # channels, dimensions, prompts inside the image: fail now
+            del image
         job_id = await run_in_threadpool(
-            jobs.submit,
-            name,
-            upload.path,
-            output,
-            tta,
-            model_dir=store.source.get(name),
-            stem=upload.stem,
-            prompts=prompts.to_json() if prompts is not None else None,
+            functools.partial(
+                jobs.submit,
+                name,
+                upload.path,
+                output,
+                tta,
+                model_dir=store.source.get(name),
+                stem=upload.stem,
+                prompts=prompts.to_json() if prompts is not None else None,
+                slide=slide,
+            )
         )
     finally:
         upload.cleanup()
@@ -106,12 +136,22 @@ async def get_job(request: Request, job_id: str = JobId) -> JobStatus:
         **error_responses(401, 404, 409),
     },
 )
-async def get_result(request: Request, job_id: str = JobId) -> FileResponse:
+async def get_result(
+    request: Request,
+    job_id: str = JobId,
+    fmt: str | None = Query(
+        None, alias="format", description=f"whole-slide jobs: one of {', '.join(SLIDE_FORMATS)} (default zip)"
+    ),
+) -> FileResponse:
     jobs = _jobs(request)
     path = jobs.result_path(job_id)
     job = jobs.get(job_id)
     if not path.is_file():
         raise ApiError(409, "ResultMissing", f"the result of job {job_id} is gone", hint="submit the job again")
+    if path.suffix == ".zip":  # a whole-slide job
+        return slide_file_response(path, fmt, job.stem, job.labels)
+    if fmt is not None:
+        raise ApiError(422, "UnknownFormat", "format= applies to whole-slide jobs", hint="drop format")
     return file_response(path, OutputFormat(job.output), job.stem, job.labels)
 
 

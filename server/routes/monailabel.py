@@ -44,6 +44,7 @@ from fastapi.responses import FileResponse, Response
 from monai.data import MetaTensor
 
 import medseg
+from medseg.inference.planar import source_mask
 from medseg.inference.prompts import Prompts
 from medseg.io import load_image, same_geometry, save_mask
 from server.datastore import FINAL_TAG, STORE_SUFFIXES, Datastore, check_id, store_suffix
@@ -316,8 +317,12 @@ async def infer(
                 t2 = time.perf_counter()
             finally:
                 lock.release()
-            save_mask(prediction.mask, prediction.image, out)
+            mask, reference = prediction.mask, prediction.image
+            if reference.meta.get("modality_adapter"):  # an XA / US file: the mask on its full source frames
+                mask = reference = source_mask(prediction.mask, prediction.image.meta)
+            save_mask(mask, reference, out)
             stats = prediction.stats_dict()
+            stats["shape"] = [int(v) for v in mask.shape]  # the shape of the mask sent back
             meta = {
                 "label_names": _foreground(prediction.label_names),
                 "model": model,

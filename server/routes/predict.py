@@ -201,7 +201,7 @@ async def predict(
         return await _classify(request, name, file, pick(output_q, output_f, None), deadline)
     upload = await receive_upload(file, settings)
     try:
-        check_output(output, upload.is_dicom)
+        check_output(output, upload.is_dicom or upload.suffix == ".dcm")  # a .dcm: an XA / US image (checked later)
         started = time.perf_counter()
         prediction = await in_thread(
             functools.partial(_predict_locked, request, name, upload, tta, deadline, prompts), deadline, "prediction"
@@ -210,7 +210,7 @@ async def predict(
             render,
             prediction,
             output,
-            upload.folder,
+            upload.folder if upload.folder is not None else upload.file if upload.suffix == ".dcm" else None,
             model_name=name,
             model_version=settings.model_version,
             stem=upload.stem,

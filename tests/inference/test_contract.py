@@ -60,8 +60,13 @@ def test_every_predictor_kind_fulfils_the_contract() -> None:
     for kind in (Predictor, PromptPredictor, NnUNetResultsPredictor):
         assert issubclass(kind, SegmentationPredictor)
         params = inspect.signature(kind.predict).parameters
-        assert list(params) == expected, kind
+        assert list(params)[: len(expected)] == expected, kind  # the contract's parameters, in its order
         assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in expected[2:]), kind
+        extras = list(params)[len(expected) :]  # a kind's own options (the dense one: probabilities_out) ...
+        assert all(  # ... are keyword-only with defaults, so any caller of the contract can ignore them
+            params[n].kind is inspect.Parameter.KEYWORD_ONLY and params[n].default is not inspect.Parameter.empty
+            for n in extras
+        ), kind
     with pytest.raises(TypeError):
         SegmentationPredictor()  # type: ignore[abstract]
 

@@ -259,3 +259,26 @@ def test_openvino_backend_matches_torch_and_caches_its_model(tmp_path: Path) -> 
     torch.testing.assert_close(full_logits(again, image, settings), ov_logits)
     with pytest.raises(ConfigError, match="window shape"):
         Backend(net, torch.device("cpu"), backend="openvino")
+
+
+@pytest.mark.skipif(not cpu_info().native_bf16, reason="this CPU has no native bf16")
+def test_openvino_bf16_stays_close_to_fp32_and_shares_the_cached_model(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    net = _net(1, 2)
+    window = (1, 1, 16, 16, 16)
+    x = torch.randn(*window)
+    fp32 = Backend(net, torch.device("cpu"), backend="openvino", window=window, cache_dir=tmp_path)
+    bf16 = Backend(net, torch.device("cpu"), backend="openvino", precision="bf16", window=window, cache_dir=tmp_path)
+    assert bf16.choice.precision == "bf16" and bf16.choice.backend == "openvino"
+    a, b = fp32(x), bf16(x)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    diff = float((a - b).abs().max())
+    assert 0 < diff < 0.05 * float(a.abs().max())  # bf16 really runs (not identical), and stays close
+    assert len(list(tmp_path.glob("openvino-*.xml"))) == 1  # one float32 IR for both precisions
+
+
+def test_openvino_bf16_is_refused_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain_cpu = CpuInfo(model="test CPU", logical=2, physical=2, mhz=2000.0, flags=frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(backends_module, "cpu_info", lambda: plain_cpu)
+    with pytest.raises(ConfigError, match="no native bf16"):
+        Backend(_net(1, 2), torch.device("cpu"), backend="openvino", precision="bf16", window=(1, 1, 8, 8, 8))

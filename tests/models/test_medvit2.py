@@ -13,10 +13,15 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 from skimage.filters import threshold_otsu
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medseg.core.errors import ConfigError, ModelInputError, WeightsError
 from medseg.models import ModelCard, count_parameters, create_model, get_card
-from medseg.models.layers.neighborhood_attention import NeighborhoodAttention2D, neighborhood_indices
+from medseg.models.layers.neighborhood_attention import (
+    NeighborhoodAttention2D,
+    neighborhood_attention_2d,
+    neighborhood_indices,
+)
 from medseg.models.medvit2 import (
     GFP,
     LFP,
@@ -94,6 +99,60 @@ def test_neighbourhood_windows_shift_inward_at_the_borders() -> None:
 def test_neighbourhood_attention_refuses_maps_smaller_than_the_kernel() -> None:
     with pytest.raises(ModelInputError, match="6x9 feature map is smaller than the 7x7 kernel"):
         NeighborhoodAttention2D(16, num_heads=2, kernel_size=7)(torch.randn(1, 6, 9, 16))
+
+
+@pytest.mark.parametrize(("h", "w", "k"), [(9, 13, 7), (20, 17, 7), (8, 11, 5)])
+def test_neighbourhood_attention_gradients_match_masked_full_attention(h: int, w: int, k: int) -> None:
+    torch.manual_seed(0)
+    module = NeighborhoodAttention2D(16, num_heads=2, kernel_size=k)
+    with torch.no_grad():
+        module.rpb.normal_(0.0, 1.0)
+    x = torch.randn(2, h, w, 16, requires_grad=True)
+    weight = torch.randn(2, h, w, 16)
+    grads = []
+    for forward in (module, lambda t: _reference_na(module, t)):
+        module.zero_grad()
+        x.grad = None
+        (forward(x) * weight).sum().backward()
+        grads.append([x.grad.clone(), module.qkv.weight.grad.clone(), module.rpb.grad.clone()])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any operator returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_neighbourhood_attention_does_not_copy_keys_per_neighbour() -> None:
+    """No intermediate grows with k * k copies of the keys (49x at k = 7): tiles read a 13 x 13 strip per 7 x 7."""
+    q, k, v = (torch.randn(2, 2, 28, 28, 32) for _ in range(3))
+    with torch.no_grad(), _LargestTensor() as mode:
+        neighborhood_attention_2d(q, k, v, torch.zeros(2, 13, 13), 7)
+    assert mode.largest <= 8 * q.numel()
+
+
+def test_neighbourhood_attention_batch_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    module = NeighborhoodAttention2D(64, num_heads=2, kernel_size=7).eval()
+    x = torch.randn(4, 14, 21, 64)
+    with torch.no_grad():
+        want = _reference_na(module, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = module(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(module(x[2:3]), want[2:3], atol=1e-5, rtol=1e-5)
 
 
 # -- sizes and key layout of the released variants -------------------------------------------------------------------

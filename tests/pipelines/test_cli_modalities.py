@@ -18,5 +18,5 @@ def test_models_json_lists_accepted_inputs(capsys, monkeypatch) -> None:
 
 
 def test_demo_refuses_an_unknown_task(capsys, monkeypatch, tmp_path) -> None:
-    code, _ = run_cli(["demo", "--task", "histology", "--out", str(tmp_path / "d")], capsys, monkeypatch)
-    assert code != 0 and not (tmp_path / "d").exists()
+    code, out = run_cli(["demo", "--task", "cardiology", "--out", str(tmp_path / "d")], capsys, monkeypatch)
+    assert code != 0 and not (tmp_path / "d").exists() and "not a demo task" in out

@@ -1,17 +1,21 @@
 """Server test fixtures: a tiny trained run, a models folder serving it as ``tiny``, settings and a model store.
 
-Other server test files use these by name (pytest finds them); nothing here starts a process.
+Other server test files use these by name (pytest finds them); only :func:`postgres` starts a process (a
+throw-away PostgreSQL cluster, once per session, for the tests that ask for it).
 """
 
 from __future__ import annotations
 
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.models import ModelStore
 from server.settings import Settings, load_settings
+from tests.server.pg import PgCluster, pg_bin_dir, pg_cluster
 
 API_KEY = "test-key"
 
@@ -34,6 +38,26 @@ def tiny_models(models_dir: Path) -> ModelStore:
 def server_settings(models_dir: Path, tmp_path: Path) -> Settings:
     """Auth on with the key :data:`API_KEY`, CPU, a fresh data dir under ``tmp_path``."""
     return load_settings(models_dir=models_dir, data_dir=tmp_path / "server-data", api_keys=[API_KEY], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster on a free 127.0.0.1 port for the session; skipped when PostgreSQL is not installed."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed: no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin")
+    with pg_cluster(bin_dir) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def pg_url(postgres: PgCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database of :func:`postgres`, dropped after the test."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
 
 
 @pytest.fixture()
