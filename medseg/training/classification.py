@@ -44,7 +44,7 @@ from medseg.data.classification import (
     classification_train_transforms,
     split_samples,
 )
-from medseg.inference.rundir import load_checkpoint, save_checkpoint
+from medseg.inference.rundir import load_checkpoint
 from medseg.training import distributed
 from medseg.training.trainer import ProgressFn, Trainer, TrainResult
 from medseg.transforms.presets import PHOTO_PRESETS
@@ -376,46 +376,25 @@ class ClassificationTrainer(Trainer):
 
     def fit(self) -> ClassificationTrainResult:
         """Train until ``train.epochs``; then score the test images (if any) with ``best.pt``."""
-        t = self.cfg.train
         start = time.perf_counter()
-        records = self.run.read_metrics()
-        if distributed.is_distributed() and self._ddp is None:
-            self._ddp = distributed.wrap_ddp(self.model, self.batch_loss, self.device)
-        while self.epoch < t.epochs:
-            epoch_start = time.perf_counter()
-            loss = distributed.mean_over_ranks(self._train_epoch())
-            self.epoch += 1
-            record: dict[str, Any] = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "train_loss": loss,
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-            if len(self.val_ds) and (self.epoch % t.val_every == 0 or self.epoch == t.epochs):
-                record.update(self.validate())
-            record["seconds"] = round(time.perf_counter() - epoch_start, 2)
-            record = distributed.broadcast(record)
-            improved = self._update_best(record)
-            records.append(record)
-            if distributed.is_main():
-                self.run.write_metrics(records)
-                save_checkpoint(self.state(), self.run.last)
-                if improved:
-                    save_checkpoint(self.state(), self.run.best)
-                    self._write_best(record)
-                plot_classification_curves(records, self.run.curves)
-                logger.info("epoch %d/%d %s", self.epoch, t.epochs, _describe(record))
-            distributed.barrier()
-        if distributed.is_main():
-            if not self.run.best.exists():
-                save_checkpoint(self.state(), self.run.best)
-            if self.test_samples:
-                self._score_test()
+        self._run_epochs()
+        if distributed.is_main() and self.test_samples:
+            self._score_test()
         distributed.barrier()
         best = self.best_metric if self.best_metric is not None and len(self.val_ds) else None
         return ClassificationTrainResult(
             self.run.root, self.epoch, self.step, None, self.best_epoch, time.perf_counter() - start, best
         )
+
+    def _on_best(self, record: dict[str, Any]) -> None:
+        self._write_best(record)
+
+    def _plot(self, records: list[dict[str, Any]]) -> None:
+        plot_classification_curves(records, self.run.curves)
+
+    @staticmethod
+    def _describe(record: dict[str, Any]) -> str:
+        return _describe(record)
 
     def _metrics_path(self) -> Path:
         return self.run.root / METRICS_FILE

@@ -277,8 +277,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
         """Train until ``train.epochs``; returns the best validation mean Dice and where it was reached."""
-        t = self.cfg.train
         start = time.perf_counter()
+        self._run_epochs()
+        return TrainResult(
+            self.run.root, self.epoch, self.step, self.best_metric, self.best_epoch, time.perf_counter() - start
+        )
+
+    def _run_epochs(self) -> None:
+        """The epoch loop every trainer shares: train, validate, broadcast, keep ``best.pt`` / ``last.pt``."""
+        t = self.cfg.train
         records = self.run.read_metrics()
         if distributed.is_distributed() and self._ddp is None:  # after resume(): rank 0's weights go to every rank
             self._ddp = distributed.wrap_ddp(self.model, self.batch_loss, self.device)
@@ -303,15 +310,25 @@ class Trainer:
                 save_checkpoint(self.state(), self.run.last)
                 if improved:
                     save_checkpoint(self.state(), self.run.best)
-                plot_curves(records, self.run.curves)
-                logger.info("epoch %d/%d %s", self.epoch, t.epochs, _describe(record))
+                    self._on_best(record)
+                self._plot(records)
+                logger.info("epoch %d/%d %s", self.epoch, t.epochs, self._describe(record))
             distributed.barrier()  # the epoch's checkpoint is on disk before any rank goes on
         if distributed.is_main() and not self.run.best.exists():  # e.g. resumed a finished run without best.pt
             save_checkpoint(self.state(), self.run.best)
         distributed.barrier()
-        return TrainResult(
-            self.run.root, self.epoch, self.step, self.best_metric, self.best_epoch, time.perf_counter() - start
-        )
+
+    def _on_best(self, record: dict[str, Any]) -> None:
+        """Called on rank 0 after ``best.pt`` was written for ``record`` (nothing more for segmentation)."""
+
+    def _plot(self, records: list[dict[str, Any]]) -> None:
+        """Redraw the run's training curves."""
+        plot_curves(records, self.run.curves)
+
+    @staticmethod
+    def _describe(record: dict[str, Any]) -> str:
+        """The epoch's log line after ``epoch N/M``."""
+        return _describe(record)
 
     #: The validation record key that decides ``best.pt`` (higher is better).
     best_key = "val_mean_dice"
