@@ -5,6 +5,7 @@ do not fit the plans."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -131,3 +132,39 @@ def test_weights_that_do_not_fit_the_plans_are_listed(trained: tuple[Path, Path,
         match=r"10 mis-shaped: seg_outputs\.0\.weight \(3, 64, 1, 1, 1\)≠\(4, 64, 1, 1, 1\).*hint: .*dataset\.json",
     ):
         NnUNetResultsPredictor.from_folder(copy)
+
+
+@pytest.fixture(scope="module")
+def plain_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset, results folder) of nnU-Net's own PlainConvUNet (features capped at 16), 1 epoch x 2 iterations."""
+    tmp = tmp_path_factory.mktemp("nnunet_plain")
+    data = write_msd(tmp / "msd", n_cases=5)
+    settings = dataclasses.replace(TINY_BUDGET, validate=False)
+    folder = run_nnunet(
+        data, tmp / "work", model="nnunet", dataset_id=502, fold=0, epochs=1, iterations_per_epoch=2,
+        device="cpu", settings=settings,
+    )  # fmt: skip
+    return data, folder
+
+
+def test_engine_with_the_channels_last_forward_agrees_with_nnunet(
+    plain_trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nnU-Net's default network goes through the engine's channels-last forward (float32 rounding, not bit for
+    bit): the mask agrees with ``nnUNetPredictor``'s for the same weights, with and without mirroring."""
+    from medseg.integrations.nnunet import lean
+
+    stages = []
+    decoder_stage = lean._decoder_stage
+    monkeypatch.setattr(lean, "_decoder_stage", lambda *a: stages.append(1) or decoder_stage(*a))
+    data, folder = plain_trained
+    case = data / "imagesTr" / "case_01.nii.gz"
+    native = NnUNetResultsPredictor.from_folder(folder, device="cpu", engine=False)
+    ours = NnUNetResultsPredictor.from_folder(folder, device="cpu", precision="fp32")
+    assert ours.engine is not None and type(ours.engine.model.networks[0]).__name__ == "PlainConvUNet"
+    for tta in (False, True):
+        reference = native.predict(case, tta=tta).mask.numpy()
+        got = ours.predict(case, tta=tta).mask.numpy()
+        assert got.shape == reference.shape
+        assert (got == reference).mean() >= 0.999, (tta, (got == reference).mean())
+    assert stages  # the channels-last decoder ran
