@@ -103,6 +103,8 @@ def _child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     if kind.startswith("engine"):
         _, backend, precision, *mirror = kind.split(":")
         options.update(backend=backend, precision=precision)
+        if mirror and mirror[0]:  # nnU-Net's array axes (z, y, x) -> --tta-axes (the image's x, y, z)
+            options["tta_axes"] = ",".join("xyz"[2 - int(a)] for a in mirror[0].split(","))
     from medseg.integrations.nnunet.shim import ensure_nnunet_importable
 
     ensure_nnunet_importable()
@@ -128,8 +130,6 @@ def _child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             return y
 
         engine.backend = timed
-        if kind.startswith("engine") and mirror:
-            engine.mirror_axes = tuple(int(a) for a in mirror[0].split(",") if a)
     mirrors = len(getattr(engine, "mirror_axes", ()) or ()) if engine is not None else 0
     tta = bool(kind.startswith("engine") and mirror and mirror[0])
     load_start = time.perf_counter()
@@ -326,6 +326,7 @@ def _kinds(args: argparse.Namespace, tag: str, bf16: bool, openvino: bool) -> li
     if openvino:
         kinds += ["engine:openvino:fp32"] + (["engine:openvino:bf16"] if bf16 else [])
     if args.tta:
+        kinds.append("engine:torch:fp32:2")  # the default precision with the default subset
         if bf16:  # the default subset (x: 2 passes) with bf16: the fast settings against nnU-Net's mirroring
             kinds += ["engine:torch:bf16:2"] + (["engine:openvino:bf16:2"] if openvino else [])
         if tag == "demo":  # all 8 passes (agreement with nnU-Net's mirroring): affordable on the one-window case

@@ -187,6 +187,14 @@ def predict(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip test-time augmentation.")] = None,
+    tta_axes: Annotated[
+        str | None,
+        typer.Option(
+            "--tta-axes",
+            help="Axes --tta mirrors: x, y, z (comma-separated; every subset is one pass) or all. Default: the run's "
+            "(x: 2 passes); nnU-Net folders: every axis the checkpoint allows (8 passes in 3D).",
+        ),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="nifti, nrrd or png (2D images).")] = "nifti",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     box: Annotated[
@@ -252,6 +260,7 @@ def predict(
 
     settings = PredictSettings(
         tta=tta,
+        tta_axes=tta_axes,
         fmt=fmt,
         prompts=_cli_prompts(box or [], point or [], coords),
         allow_external_data=allow_external_data,

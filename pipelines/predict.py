@@ -60,6 +60,8 @@ class PredictSettings:
         skip_existing: leave a case alone when its mask and statistics are already in the output folder.
         backend: network backend of dense models (``torch`` or ``openvino``; ``None``: the run's ``infer.backend``).
         precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``; ``None``: the run's).
+        tta_axes: the axes ``tta`` mirrors (``"x"``, ``"x,z"``, ``"all"``; ``None``: the run's ``infer.tta_axes``,
+            or every axis an nnU-Net checkpoint allows).
         target_mpp: whole slides: microns per pixel of the tiles (``None``: the run's, else 0.5).
         slide_mpp: whole slides: level-0 microns per pixel, for slides that do not say.
         save_probabilities: dense 3D models: also write per-class probabilities (``uint8`` or ``float16``) as
@@ -76,15 +78,21 @@ class PredictSettings:
     skip_existing: bool = False
     backend: str | None = None
     precision: str | None = None
+    tta_axes: str | None = None
     target_mpp: float | None = None
     slide_mpp: float | None = None
     save_probabilities: str | None = None
 
     def open_options(self) -> dict[str, Any]:
         """The options :func:`medseg.open_predictor` takes from these settings (only those given)."""
-        return {k: v for k, v in (("backend", self.backend), ("precision", self.precision)) if v is not None}
+        given = (("backend", self.backend), ("precision", self.precision), ("tta_axes", self.tta_axes))
+        return {k: v for k, v in given if v is not None}
 
     def __post_init__(self) -> None:
+        if self.tta_axes is not None:
+            from medseg.inference.engine import parse_mirror_axes
+
+            parse_mirror_axes(self.tta_axes)  # a bad value fails before any model is opened
         if self.fmt not in SUFFIXES:
             raise DataError(f"unknown output format {self.fmt!r}", expected=f"one of {sorted(SUFFIXES)}")
         if self.save_probabilities not in (None, "none", "uint8", "float16"):

@@ -37,6 +37,7 @@ __all__ = [
     "full_logits",
     "importance_weights",
     "mirror_subsets",
+    "parse_mirror_axes",
     "stream_logits",
     "trim_heap",
     "window_count",
@@ -70,6 +71,35 @@ def trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+_AXIS_NAMES = {"x": 0, "y": 1, "z": 2}
+
+
+def parse_mirror_axes(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """The spatial axes test-time augmentation mirrors, from ``--tta-axes``: ``"x,z"``, ``"0,2"`` or ``[0, 2]`` ->
+    ``(0, 2)``; ``"all"`` or ``None`` -> ``None`` (every axis the model allows). ``x, y, z`` are the first, second
+    and third voxel axes of the network's grid (in a run directory's RAS grid: left-right, back-front, down-up).
+
+    Raises:
+        ConfigError: an unknown axis name or index, or no axis at all.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return None
+    items = [v.strip().lower() for v in value.split(",")] if isinstance(value, str) else list(value)
+    axes = set()
+    for item in items:
+        axis = _AXIS_NAMES.get(item) if isinstance(item, str) and not item.isdigit() else int(item)
+        if axis is None or not 0 <= axis <= 2:
+            raise ConfigError(
+                f"--tta-axes {value!r}: {item!r} is not a spatial axis",
+                expected="a comma-separated list of x, y, z (or 0, 1, 2), or all",
+                hint="e.g. --tta-axes x (2 passes) or --tta-axes all (8 passes in 3D)",
+            )
+        axes.add(axis)
+    if not axes:
+        raise ConfigError(f"--tta-axes {value!r} names no axis", expected="x, y, z (comma-separated) or all")
+    return tuple(sorted(axes))
 
 
 def mirror_subsets(axes: Sequence[int]) -> tuple[tuple[int, ...], ...]:

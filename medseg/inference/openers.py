@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,7 @@ def open_run_dir(
     checkpoint: str = "best",
     backend: str | None = None,
     precision: str | None = None,
+    tta_axes: str | Sequence[int] | None = None,
 ) -> SegmentationPredictor:
     """Rebuild model, preprocessing and window settings from a run directory (``config.yaml`` + checkpoint).
 
@@ -143,10 +144,12 @@ def open_run_dir(
         checkpoint: ``best`` or ``last``.
         backend: override ``infer.backend`` (``torch`` or ``openvino``; dense models).
         precision: override ``infer.precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``; dense models).
+        tta_axes: override ``infer.tta_axes`` (``"x,z"``, ``"0,2"``, ``[0, 2]`` or ``"all"``; see
+            :func:`medseg.inference.engine.parse_mirror_axes`; dense models).
 
     Raises:
-        ConfigError: not a run directory, an unknown ``checkpoint``, or a backend/precision this machine or model
-            cannot run.
+        ConfigError: not a run directory, an unknown ``checkpoint``, or a backend/precision/mirror axes this machine
+            or model cannot run.
         WeightsError: the checkpoint is missing, unreadable or does not fit the network.
     """
     from medseg.inference.predictor import Predictor
@@ -175,18 +178,27 @@ def open_run_dir(
     )
     load_state_dict_checked(model, ckpt["model"], source=str(rd.root))
     if model.card.needs_prompts or model.card.task == "classification":  # type: ignore[union-attr]
-        if backend is not None or precision is not None:
+        if backend is not None or precision is not None or tta_axes is not None:
             raise ConfigError(
-                "backend and precision apply to dense models only", hint="drop --backend / --precision here"
+                "backend, precision and mirror axes apply to dense models only",
+                hint="drop --backend / --precision / --tta-axes here",
             )
         if model.card.task == "classification":  # type: ignore[union-attr]
             from medseg.inference.classify import ClassificationPredictor
 
             return ClassificationPredictor(model, config, device=device)
         return PromptPredictor(model, config, device=device)
-    changes = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
+    axes: tuple[int, ...] | None = None
+    if tta_axes is not None:
+        from medseg.inference.engine import parse_mirror_axes
+
+        axes = parse_mirror_axes(tta_axes)
+        changes["tta_axes"] = list(axes) if axes is not None else None
     if changes:
         config = config.updated({"infer": changes})
+    if tta_axes is not None and axes is None:  # "all" (``updated`` skips None values)
+        config = config.model_copy(update={"infer": config.infer.model_copy(update={"tta_axes": None})})
     return Predictor(model, config, device=device, cache_dir=rd.root / "cache")
 
 

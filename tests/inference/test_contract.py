@@ -76,6 +76,10 @@ def test_open_predictor_opens_a_dense_run_dir(dense_run: Path) -> None:
     assert isinstance(predictor, Predictor) and not predictor.needs_prompts
     assert predictor.label_names == predictor.card.label_names
     assert medseg.open_predictor is open_predictor and is_model_folder(dense_run)
+    assert predictor.config.infer.tta_axes == (0,)  # the run's default
+    for value, axes in (("y,z", (1, 2)), ("all", None)):
+        other = open_predictor(dense_run, device="cpu", tta_axes=value)
+        assert isinstance(other, Predictor) and other.config.infer.tta_axes == axes
 
 
 def test_a_dense_model_refuses_prompts_and_wrong_images(dense_run: Path) -> None:
@@ -117,6 +121,8 @@ def test_open_predictor_errors(tmp_path: Path, dense_run: Path) -> None:
         open_predictor(dense_run, fold=0)
     with pytest.raises(ConfigError, match="unknown checkpoint"):
         open_predictor(dense_run, checkpoint="final")
+    with pytest.raises(ConfigError, match="--tta-axes 'q'"):
+        open_predictor(dense_run, tta_axes="q")
     with pytest.raises(ConfigError, match="registered twice"):
         register_opener("run", lambda p: False, OPENERS.get("run").open, "again")
 

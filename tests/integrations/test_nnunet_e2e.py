@@ -18,7 +18,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medseg.core.errors import ModelInputError, WeightsError
+from medseg.core.errors import ConfigError, ModelInputError, WeightsError
 from medseg.integrations.nnunet import NnUNetResultsPredictor, NnUNetRunSettings, run_nnunet
 from medseg.io import load_image, save_image
 from tests.helpers import write_msd
@@ -168,3 +168,23 @@ def test_engine_with_the_channels_last_forward_agrees_with_nnunet(
         assert got.shape == reference.shape
         assert (got == reference).mean() >= 0.999, (tta, (got == reference).mean())
     assert stages  # the channels-last decoder ran
+
+
+def test_a_mirror_subset_is_the_same_subset_in_both_predictors(plain_trained: tuple[Path, Path]) -> None:
+    """``tta_axes="x"``: two passes, mirrored over the image's first voxel axis, through the engine and through
+    ``nnUNetPredictor`` alike; an axis the checkpoint does not mirror is refused when the folder is opened."""
+    data, folder = plain_trained
+    case = data / "imagesTr" / "case_02.nii.gz"
+    ours = NnUNetResultsPredictor.from_folder(folder, device="cpu", precision="fp32", tta_axes="x")
+    native = NnUNetResultsPredictor.from_folder(folder, device="cpu", engine=False, tta_axes="x")
+    assert ours.engine is not None and len(ours.engine.mirror_axes) == 1
+    assert tuple(native._predictor.allowed_mirroring_axes) == ours.engine.mirror_axes
+    reference = native.predict(case, tta=True, keep_probabilities=True)
+    got = ours.predict(case, tta=True).mask.numpy()
+    assert (got == reference.mask.numpy()).mean() >= 0.999
+    full = NnUNetResultsPredictor.from_folder(folder, device="cpu", engine=False)
+    every = full.predict(case, tta=True, keep_probabilities=True).probabilities
+    assert every is not None and reference.probabilities is not None
+    assert not torch.allclose(every, reference.probabilities)  # one axis is not all three: the option took effect
+    with pytest.raises(ConfigError, match="--tta-axes"):
+        NnUNetResultsPredictor.from_folder(folder, device="cpu", tta_axes="w")

@@ -30,6 +30,7 @@ def open_results_folder(
     backend: str | None = None,
     precision: str | None = None,
     engine: bool = True,
+    tta_axes: str | Sequence[int] | None = None,
 ) -> SegmentationPredictor:
     """See :meth:`medseg.integrations.nnunet.results.NnUNetResultsPredictor.from_folder`."""
     from medseg.integrations.nnunet.results import NnUNetResultsPredictor
@@ -44,6 +45,7 @@ def open_results_folder(
         backend=backend or "torch",
         precision=precision or "auto",
         engine=engine,
+        tta_axes=tta_axes,
     )
 
 

@@ -98,6 +98,7 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         precision: str = "auto",
         backend: str = "torch",
         engine: bool = True,
+        tta_axes: str | Sequence[int] | None = None,
     ) -> NnUNetResultsPredictor:
         """Load an nnU-Net v2 results folder (any trainer; medseg's STU-Net trainers included).
 
@@ -113,6 +114,9 @@ class NnUNetResultsPredictor(SegmentationPredictor):
             backend: ``torch`` or ``openvino``.
             engine: run windows and export through medseg's engine (memory-bounded, same masks); ``False``:
                 ``nnUNetPredictor`` end to end.
+            tta_axes: mirror only these voxel axes of the input (``"x"``, ``"x,z"``, ``[0, 2]``: the first, second,
+                third axis of the image as loaded, the first being left-right in the usual axial storage); ``None``
+                or ``"all"``: every axis the checkpoint allows (nnU-Net's 8 passes in 3D).
 
         Raises:
             ConfigError: the folder, ``plans.json`` or ``dataset.json`` is missing or unreadable, the configuration
@@ -191,6 +195,13 @@ class NnUNetResultsPredictor(SegmentationPredictor):
             trainer_name,
             first.get("inference_allowed_mirroring_axes"),
         )
+        if tta_axes is not None:
+            predictor.allowed_mirroring_axes = _network_mirror_axes(
+                tta_axes,
+                plans_manager.transpose_forward,
+                predictor.allowed_mirroring_axes,
+                len(configuration_manager.patch_size),
+            )
         card = _card(root, plans_manager, configuration_manager, label_manager, dataset_json, network, num_in, num_out)
         card = card.replace(paper=_paper(trainer_name))
         logger.info("loaded nnU-Net model %s (trainer %s, folds %s) from %s", card.name, trainer_name, folds, root)
@@ -278,6 +289,42 @@ class NnUNetResultsPredictor(SegmentationPredictor):
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
+
+
+def _network_mirror_axes(
+    tta_axes: str | Sequence[int],
+    transpose_forward: Sequence[int],
+    allowed: Sequence[int] | None,
+    patch_dims: int,
+) -> tuple[int, ...] | None:
+    """nnU-Net's mirror axes (of the preprocessed array the network sees) for ``tta_axes`` named on medseg's
+    ``(X, Y, Z)`` voxel axes: voxel axis ``a`` is nnU-Net's array axis ``2 - a`` before ``transpose_forward``.
+
+    Raises:
+        ConfigError: an axis the checkpoint does not mirror (nnU-Net leaves out the slice axis of anisotropic and
+            2D configurations), or an unparsable value.
+    """
+    from medseg.inference.engine import parse_mirror_axes
+
+    voxel_axes = parse_mirror_axes(tta_axes)
+    if voxel_axes is None:
+        return tuple(allowed) if allowed is not None else None
+    order = [int(t) for t in transpose_forward]
+    offset = 3 - patch_dims  # a 2D configuration's network axes start after the slice axis
+    allowed_set = set(range(patch_dims) if allowed is None else (int(a) for a in allowed))
+    names = "xyz"
+    mapped = []
+    for a in voxel_axes:
+        network_axis = order.index(2 - a) - offset
+        if network_axis not in allowed_set:
+            can = sorted(names[2 - order[n + offset]] for n in allowed_set)
+            raise ConfigError(
+                f"--tta-axes: this model does not mirror the {names[a]} axis",
+                expected=f"axes among {', '.join(can)} (those its checkpoint allows), or all",
+                hint="leave out --tta-axes to mirror every allowed axis",
+            )
+        mapped.append(network_axis)
+    return tuple(sorted(mapped))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
