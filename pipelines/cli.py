@@ -247,8 +247,9 @@ def predict(
         str | None,
         typer.Option(
             "--save-probabilities",
-            help="Dense 3D models: also write per-class probabilities on the input grid, uint8 (<case>_prob_<class>"
-            ".nii, p x 255) or float16 (.npy), written slab by slab; none: masks only (default: the run's).",
+            help="Dense 3D models and nnU-Net folders: also write per-class probabilities on the input grid, uint8"
+            " (<case>_prob_<class>.nii, p x 255) or float16 (.npy), written slab by slab; none: masks only (default:"
+            " the run's).",
         ),
     ] = None,
 ) -> None:

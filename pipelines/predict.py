@@ -167,18 +167,21 @@ def predict_case(
 
 def _probability_output(predictor: Any, prefix: Path, settings: PredictSettings) -> Any:
     """The :class:`~medseg.inference.gridmap.ProbabilityOutput` asked for (option, else the run's), or ``None``."""
+    import inspect
+
     from medseg.core.errors import ConfigError
     from medseg.inference.gridmap import ProbabilityOutput
-    from medseg.inference.predictor import Predictor
 
     config = getattr(predictor, "config", None)
     dtype = settings.save_probabilities or (config.infer.save_probabilities if config is not None else "none")
     if dtype in (None, "none"):
         return None
-    if not isinstance(predictor, Predictor):
+    if "probabilities_out" not in inspect.signature(predictor.predict).parameters or (
+        getattr(predictor, "engine", True) is None  # an nnU-Net folder predicted by nnUNetPredictor itself
+    ):
         raise ConfigError(
             f"--save-probabilities is not available for {type(predictor).__name__}",
-            expected="a run directory of a dense model",
+            expected="a run directory of a dense model, or an nnU-Net results folder predicted by medseg's engine",
             hint="leave out --save-probabilities",
         )
     return ProbabilityOutput(prefix, dtype)

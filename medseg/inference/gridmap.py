@@ -19,7 +19,7 @@ import json
 import math
 import mmap
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -176,7 +176,7 @@ class LabelSink:
         planes_per_step: output planes computed at once (bounds the temporary ``C_out x planes x plane`` array);
             default: as many as keep that float32 array near 256 MiB.
         probability_files: write the probabilities into these files as each step is finished (instead of, or as
-            well as, keeping them); their shape must be the output grid's.
+            well as, keeping them); their ``grid_shape`` must be the output grid's.
     """
 
     def __init__(
@@ -193,10 +193,10 @@ class LabelSink:
         self.channels = channels
         self.probability_files = probability_files
         if probability_files is not None and (
-            probability_files.shape != grid.output_shape or probability_files.channels != channels
+            probability_files.grid_shape != grid.output_shape or probability_files.channels != channels
         ):
             raise ValueError(
-                f"probability files of {probability_files.channels} x {probability_files.shape} do not fit "
+                f"probability files of {probability_files.channels} x {probability_files.grid_shape} do not fit "
                 f"{channels} x {grid.output_shape}"
             )
         dtype = np.uint8 if channels <= 256 else np.uint16
@@ -321,6 +321,10 @@ class ProbabilityFiles:
         shape: spatial shape of the output grid ``(X, Y, Z)``.
         affine: the output grid's affine ``(4, 4)`` (index -> RAS world, mm), written into every file.
         label_names: one name per class (used in the file names).
+        view: where the writer's grid is the files' grid with its axes permuted or flipped (nnU-Net's array order),
+            a function returning each file's ``(X, Y, Z)`` array as a numpy *view* in the writer's order
+            (transposes and reversed slices only); :meth:`write` indices are then in that order, and
+            ``grid_shape`` is the viewed shape.
     """
 
     def __init__(
@@ -329,6 +333,7 @@ class ProbabilityFiles:
         shape: Sequence[int],
         affine: np.ndarray | torch.Tensor,
         label_names: Sequence[str],
+        view: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.output = output
         self.shape = tuple(int(s) for s in shape)
@@ -353,6 +358,12 @@ class ProbabilityFiles:
         for z in range(0, self.shape[-1], step):  # Fortran order: the last axis is the slowest, so contiguous
             background[..., z : z + step] = self._quantise(np.ones(()))
             self._release(0)
+        if view is not None:
+            viewed = [view(a) for a in self._arrays]
+            if any(not np.shares_memory(v, a) for v, a in zip(viewed, self._arrays, strict=True)):
+                raise ValueError("the probability files' view must be a view of each file's array, not a copy")
+            self._arrays = viewed
+        self.grid_shape = tuple(int(n) for n in self._arrays[0].shape) if self._arrays else self.shape
 
     def _create(self, path: Path) -> int:
         """Write the header and size the file; returns the offset of the data."""

@@ -188,3 +188,63 @@ def test_a_mirror_subset_is_the_same_subset_in_both_predictors(plain_trained: tu
     assert not torch.allclose(every, reference.probabilities)  # one axis is not all three: the option took effect
     with pytest.raises(ConfigError, match="--tta-axes"):
         NnUNetResultsPredictor.from_folder(folder, device="cpu", tta_axes="w")
+
+
+def test_probabilities_to_files_equal_those_in_memory(plain_trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """nnU-Net folders write per-class probability files through the engine (nnU-Net's transposed grid viewed
+    onto the files' (X, Y, Z) arrays): the same values as ``keep_probabilities``, on the input's affine."""
+    import nibabel as nib
+
+    from medseg.inference.gridmap import ProbabilityOutput
+    from pipelines.predict import PredictSettings
+    from pipelines.predict import predict as run_predict
+
+    data, folder = plain_trained
+    case = data / "imagesTr" / "case_03.nii.gz"
+    image = load_image(case)
+    ours = NnUNetResultsPredictor.from_folder(folder, device="cpu", precision="fp32")
+    kept = ours.predict(image, tta=False, keep_probabilities=True)
+    assert kept.probabilities is not None
+    for dtype in ("float16", "uint8"):
+        result = ours.predict(image, tta=False, probabilities_out=ProbabilityOutput(tmp_path / dtype / "p", dtype))
+        np.testing.assert_array_equal(result.mask.numpy(), kept.mask.numpy())
+        meta = json.loads((tmp_path / dtype / "p.json").read_text())
+        assert meta["shape"] == list(image.shape[1:])
+        np.testing.assert_allclose(meta["affine"], np.asarray(image.affine), atol=1e-6)
+        for c, name in enumerate(ours.label_names):
+            path = tmp_path / dtype / meta["files"][name]
+            expected = kept.probabilities[c].float().numpy()
+            if dtype == "float16":
+                np.testing.assert_array_equal(np.load(path).astype(np.float32), expected)
+            else:
+                stored = nib.load(path)
+                np.testing.assert_allclose(stored.affine, np.asarray(image.affine), atol=1e-5)
+                np.testing.assert_allclose(stored.get_fdata(), expected, atol=0.5 / 255 + 1e-3)
+    native = NnUNetResultsPredictor.from_folder(folder, device="cpu", engine=False)
+    with pytest.raises(ConfigError, match="medseg's engine"):
+        native.predict(image, probabilities_out=ProbabilityOutput(tmp_path / "n" / "p", "uint8"))
+    # through `medseg predict --save-probabilities` (pipelines.predict)
+    run_predict(folder, [case], tmp_path / "cli", PredictSettings(tta=False, save_probabilities="uint8"))
+    stats = json.loads((tmp_path / "cli" / "case_03_seg.json").read_text())
+    assert Path(stats["probabilities"]).is_file() and len(list((tmp_path / "cli").glob("case_03_prob_*.nii"))) == 3
+
+
+def test_the_probability_view_follows_nnunets_reorientation_and_transpose() -> None:
+    """The files' view equals the array nnU-Net is given (reoriented to RAS where its reader does, reversed to
+    (z, y, x), transposed), and is a view of the file's array, not a copy."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    volume = rng.random((5, 6, 7)).astype(np.float32)
+    affine = np.array([[0.0, 0.0, -2.0, 10.0], [-1.0, 0.0, 0.0, 5.0], [0.0, 1.5, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
+    for reader in ("SimpleITKIO", "NibabelIOWithReorient"):
+        for order in ((0, 1, 2), (2, 0, 1)):
+            fake = SimpleNamespace(
+                _reader=reader, _predictor=SimpleNamespace(plans_manager=SimpleNamespace(transpose_forward=order))
+            )
+            data, _, _ = NnUNetResultsPredictor._to_nnunet(
+                fake, MetaTensor(torch.from_numpy(volume[None]), affine=affine)
+            )  # type: ignore[arg-type]
+            view = NnUNetResultsPredictor._grid_view(fake, affine)(volume)  # type: ignore[arg-type]
+            assert np.shares_memory(view, volume)
+            np.testing.assert_array_equal(view, data[0].transpose(order))

@@ -25,7 +25,7 @@ from torch import nn
 from medseg.inference.backends import Backend
 from medseg.inference.contract import Progress
 from medseg.inference.engine import EngineSettings, mirror_subsets, stream_logits, trim_heap
-from medseg.inference.gridmap import GridMap, LabelSink
+from medseg.inference.gridmap import GridMap, LabelSink, ProbabilityFiles
 from medseg.integrations.nnunet.lean import lean_forward
 
 logger = logging.getLogger(__name__)
@@ -133,8 +133,12 @@ class NnUNetEngine:
         tta: bool,
         keep_probabilities: bool,
         progress: Progress | None = None,
+        probability_files: ProbabilityFiles | None = None,
     ) -> tuple[np.ndarray, torch.Tensor | None]:
-        """Labels (and probabilities) in nnU-Net's array order for ``data (C, Z, Y, X)`` of ``spacing`` (z, y, x)."""
+        """Labels (and probabilities) in nnU-Net's array order for ``data (C, Z, Y, X)`` of ``spacing`` (z, y, x).
+
+        ``probability_files``: also write the probabilities into these files step by step; their ``grid_shape`` is
+        the transposed (network-order) full image, ``props["shape_before_cropping"]``."""
         from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
         nn_ = self.nn
@@ -175,7 +179,12 @@ class NnUNetEngine:
             full_shape=full,
             nearest_axes=nearest,
         )
-        sink = LabelSink(grid, nn_.label_manager.num_segmentation_heads, keep_probabilities=keep_probabilities)
+        sink = LabelSink(
+            grid,
+            nn_.label_manager.num_segmentation_heads,
+            keep_probabilities=keep_probabilities,
+            probability_files=probability_files,
+        )
         chunks = stream_logits(
             self.backend,
             x,

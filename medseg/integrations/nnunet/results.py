@@ -35,6 +35,7 @@ from monai.data import MetaTensor
 from medseg.core.device import pick_device
 from medseg.core.errors import ConfigError, WeightsError
 from medseg.inference.contract import Progress, SegmentationPredictor
+from medseg.inference.gridmap import ProbabilityFiles, ProbabilityOutput
 from medseg.inference.prediction import Prediction
 from medseg.inference.prompts import Prompts
 from medseg.integrations.nnunet.engine import NnUNetEngine
@@ -232,6 +233,7 @@ class NnUNetResultsPredictor(SegmentationPredictor):
         tta: bool | None = None,
         keep_probabilities: bool = False,
         progress: Progress | None = None,
+        probabilities_out: ProbabilityOutput | None = None,
     ) -> Prediction:
         """Segment one image with nnU-Net's pipeline; the mask lies on the input's exact voxel grid.
 
@@ -241,23 +243,49 @@ class NnUNetResultsPredictor(SegmentationPredictor):
             tta: mirroring test-time augmentation (default: the predictor's ``tta``).
             keep_probabilities: also return the class probabilities ``(C_out, X, Y, Z)`` on the input grid.
             progress: called with ``(windows_done, windows_total)`` (engine path only).
+            probabilities_out: write the probabilities on the input grid to these files step by step
+                (:class:`~medseg.inference.gridmap.ProbabilityFiles`), never holding all classes at full size
+                (engine path only).
 
         Returns:
             A :class:`~medseg.inference.Prediction` (mask ``(X, Y, Z)`` with the input's affine).
 
         Raises:
             ModelInputError: the image has the wrong number of channels or is not 3D.
+            ConfigError: ``probabilities_out`` without medseg's engine (``engine=False`` or plans it cannot run).
         """
         self.check_prompts(prompts)
+        if probabilities_out is not None and self.engine is None:
+            raise ConfigError(
+                "probabilities are written to files by medseg's engine, which this predictor does not use",
+                expected="an nnU-Net folder opened with engine=True (plans with nnU-Net's default resampling)",
+                hint="keep_probabilities=True returns them in memory instead",
+            )
         original = image if isinstance(image, MetaTensor) else load_image(image)
         self.check_image(original)
         data, spacing, undo = self._to_nnunet(original)
         mirror = self.tta if tta is None else tta
         probabilities = None
         if self.engine is not None:
-            seg, probs = self.engine.predict(
-                data, spacing, tta=mirror, keep_probabilities=keep_probabilities, progress=progress
-            )
+            files = None
+            if probabilities_out is not None:
+                affine = np.asarray(original.affine, dtype=np.float64)
+                shape = original.shape[1:]
+                files = ProbabilityFiles(
+                    probabilities_out, shape, affine, self.label_names, view=self._grid_view(affine)
+                )
+            try:
+                seg, probs = self.engine.predict(
+                    data,
+                    spacing,
+                    tta=mirror,
+                    keep_probabilities=keep_probabilities,
+                    progress=progress,
+                    probability_files=files,
+                )
+            finally:
+                if files is not None:
+                    files.close()
             labels = torch.from_numpy(np.ascontiguousarray(undo(seg[None])[0]))
             if probs is not None:
                 probabilities = torch.from_numpy(np.ascontiguousarray(undo(probs.numpy())))
@@ -269,6 +297,26 @@ class NnUNetResultsPredictor(SegmentationPredictor):
             if keep_probabilities:
                 probabilities = torch.from_numpy(np.ascontiguousarray(undo(np.asarray(out[1]))))
         return Prediction.on_input_grid(labels, original, self.label_names, probabilities)
+
+    def _grid_view(self, affine: np.ndarray) -> Any:
+        """A function viewing an ``(X, Y, Z)`` array on the input grid in the engine's order: reoriented as
+        :meth:`_to_nnunet` reorients, reversed to nnU-Net's ``(z, y, x)``, then transposed by ``transpose_forward``
+        (numpy views: transposes and reversed strides only)."""
+        order = [int(t) for t in self._predictor.plans_manager.transpose_forward]
+        ornt = None
+        if self._reader == "NibabelIOWithReorient":
+            from nibabel.orientations import io_orientation
+
+            ornt = io_orientation(affine)
+
+        def view(array: np.ndarray) -> np.ndarray:
+            if ornt is not None:
+                from nibabel.orientations import apply_orientation
+
+                array = apply_orientation(array, ornt)
+            return array.transpose(2, 1, 0).transpose(order)
+
+        return view
 
     def _to_nnunet(self, image: MetaTensor) -> tuple[np.ndarray, list[float], Any]:
         """``(C, X, Y, Z)`` -> nnU-Net's ``(C, Z, Y, X)`` array, its spacing, and the inverse for outputs."""
