@@ -274,18 +274,16 @@ class NnUNetResultsPredictor(SegmentationPredictor):
                 files = ProbabilityFiles(
                     probabilities_out, shape, affine, self.label_names, view=self._grid_view(affine)
                 )
-            try:
-                seg, probs = self.engine.predict(
-                    data,
-                    spacing,
-                    tta=mirror,
-                    keep_probabilities=keep_probabilities,
-                    progress=progress,
-                    probability_files=files,
-                )
-            finally:
-                if files is not None:
-                    files.close()
+            seg, probs = self.engine.predict(
+                data,
+                spacing,
+                tta=mirror,
+                keep_probabilities=keep_probabilities,
+                progress=progress,
+                probability_files=files,
+            )
+            if files is not None:  # only a finished prediction gets its <prefix>.json (as run directories do)
+                files.close()
             labels = torch.from_numpy(np.ascontiguousarray(undo(seg[None])[0]))
             if probs is not None:
                 probabilities = torch.from_numpy(np.ascontiguousarray(undo(probs.numpy())))
