@@ -1,7 +1,8 @@
 """Server test fixtures: a tiny trained run, a models folder serving it as ``tiny``, settings and a model store.
 
-Other server test files use these by name (pytest finds them); only :func:`postgres` starts a process (a
-throw-away PostgreSQL cluster, once per session, for the tests that ask for it).
+Other server test files use these by name (pytest finds them); only :func:`postgres` (a throw-away PostgreSQL
+cluster, once per session) and :func:`orthanc` (a loopback Orthanc, once per test module) start processes, for the
+tests that ask for them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from server.models import ModelStore
 from server.settings import Settings, load_settings
+from tests.server.orthanc import OrthancProcess, orthanc_missing_reason
 from tests.server.pg import PgCluster, pg_bin_dir, pg_cluster
 
 API_KEY = "test-key"
@@ -64,3 +66,13 @@ def pg_url(postgres: PgCluster) -> Iterator[str]:
 def auth_headers() -> dict[str, str]:
     """Headers carrying :data:`API_KEY`."""
     return {"X-API-Key": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A loopback Orthanc with the DICOMweb plugin, one per test module (skipped where Orthanc is not installed)."""
+    reason = orthanc_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with OrthancProcess.start(tmp_path_factory.mktemp("orthanc")) as process:
+        yield process

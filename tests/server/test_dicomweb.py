@@ -28,7 +28,7 @@ from server.models import ModelStore
 from server.settings import PacsSettings, Settings
 from tests.helpers import make_case
 from tests.server.conftest import API_KEY
-from tests.server.orthanc import PASSWORD, USER, OrthancProcess, free_port, orthanc_missing_reason
+from tests.server.orthanc import PASSWORD, USER, OrthancProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -75,15 +75,6 @@ def write_ct_series(folder: Path, volume: np.ndarray, *, seed: int = 0) -> CtSer
         ds.SeriesDescription = "medseg test series"
         ds.save_as(folder / f"slice-{k:03d}.dcm", enforce_file_format=True)
     return CtSeries(folder, study_uid, series_uid)
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    reason = orthanc_missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with OrthancProcess.start(tmp_path_factory.mktemp("orthanc")) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

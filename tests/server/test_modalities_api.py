@@ -7,7 +7,6 @@ import io
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +30,7 @@ from server.models import ModelStore
 from server.settings import PacsSettings, Settings, load_settings
 from tests.io.modality_files import region, write_us, write_xa, xa_frames
 from tests.server.conftest import API_KEY
-from tests.server.orthanc import OrthancProcess, orthanc_missing_reason
+from tests.server.orthanc import OrthancProcess
 
 MODEL = "frames"
 LABELS = ("background", "vessel")
@@ -158,15 +157,6 @@ def test_job_answers_a_frame_referencing_seg(
     source = pydicom.dcmread(sources["us"], stop_before_pixels=True)
     assert {uid for uid, _ in _frame_refs(seg)} == {str(source.SOPInstanceUID)}
     np.testing.assert_array_equal(read_dicom_seg(seg, sources["us"]), _expected(store, sources["us"]))
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    reason = orthanc_missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with OrthancProcess.start(tmp_path_factory.mktemp("orthanc-frames")) as process:
-        yield process
 
 
 @pytest.mark.integration
