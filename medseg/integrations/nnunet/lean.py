@@ -209,25 +209,30 @@ def _upsample_into(transpconv: nn.Module, x: torch.Tensor, out: torch.Tensor) ->
     return True
 
 
-def _decoder_stage(transpconv: Any, stage: nn.Module, held: list[torch.Tensor]) -> torch.Tensor:
-    """One decoder stage on channels-last maps: ``stage(cat(transpconv(lres), skip))`` for ``held = [lres, skip]``
-    (popped, so that each is released here as soon as it is used).
+def _decoder_stage(transpconv: Any, stage: nn.Module, held: list[torch.Tensor], channels_last: bool) -> torch.Tensor:
+    """One decoder stage, ``stage(cat(transpconv(lres), skip))``, for ``held = [lres, skip]`` (popped, so that each
+    is released here as soon as it is used: the skip is copied into the concatenation, allocated first, and
+    released before the upsampling runs).
 
-    Where the stage's first convolution can run in slabs and the concatenation is large, only one slab of the
-    concatenation (with its halo) exists at a time: its upsampled rows come from the few ``lres`` rows under them.
+    Plain layout: nnU-Net's operations in nnU-Net's order (bit-identical logits). Channels-last: the upsampling is
+    written straight into the concatenation, and where the stage's first convolution can run in slabs and the
+    concatenation is large, only one slab of it (with its halo) exists at a time: its upsampled rows come from the
+    few ``lres`` rows under them.
     """
     maps = {"skip": held.pop(), "lres": held.pop()}
     skip = maps["skip"]
     leaves = _leaves(stage)
     up_channels = int(transpconv.out_channels)
     shape = (skip.shape[0], up_channels + skip.shape[1], *skip.shape[2:])
-    layout = torch.channels_last_3d if skip.ndim == 5 else torch.channels_last
+    layout = torch.contiguous_format
+    if channels_last:
+        layout = torch.channels_last_3d if skip.ndim == 5 else torch.channels_last
     stride = int(transpconv.stride[0])
     dtype = skip.dtype
     big = math.prod(shape) * skip.element_size() > _SLAB_BYTES
     sliceable = maps["lres"].shape[2] * stride == skip.shape[2]
     del skip
-    if big and leaves and _slabbable(leaves[0]) and sliceable:
+    if channels_last and big and leaves and _slabbable(leaves[0]) and sliceable:
 
         def source(lo: int, hi: int) -> torch.Tensor:
             joined = torch.empty((*shape[:2], hi - lo, *shape[3:]), dtype=dtype, memory_format=layout)
@@ -243,34 +248,18 @@ def _decoder_stage(transpconv: Any, stage: nn.Module, held: list[torch.Tensor]) 
         first = _conv_in_slabs(leaves[0], source, shape, dtype)
         maps.clear()
         return _chain(leaves[1:], [first], fused=True)
-    joined = torch.empty(shape, dtype=dtype, memory_format=layout)
+    up_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else dtype
+    joined = torch.empty(shape, dtype=torch.promote_types(up_dtype, dtype), memory_format=layout)  # torch.cat's
     joined[:, up_channels:].copy_(maps.pop("skip"))
     lres = maps.pop("lres")
-    if not _upsample_into(transpconv, lres, joined[:, :up_channels]):
-        joined[:, :up_channels].copy_(transpconv(lres))
-    del lres
-    return _chain(leaves, [joined], fused=True)
-
-
-def _plain_decoder_stage(transpconv: Any, stage: nn.Module, held: list[torch.Tensor]) -> torch.Tensor:
-    """``stage(cat(transpconv(lres), skip))`` for ``held = [lres, skip]`` with nnU-Net's operations in nnU-Net's
-    order (bit-identical logits), the skip released before the upsampling runs."""
-    skip, lres = held.pop(), held.pop()
-    up_channels = int(transpconv.out_channels)
-    up_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else skip.dtype
-    joined = torch.empty(  # what torch.cat((up, skip), 1) returns
-        (skip.shape[0], up_channels + skip.shape[1], *skip.shape[2:]),
-        dtype=torch.promote_types(up_dtype, skip.dtype),
-    )
-    joined[:, up_channels:].copy_(skip)
-    del skip
-    up = transpconv(lres)
-    del lres
-    if up.dtype != up_dtype or tuple(up.shape[2:]) != tuple(joined.shape[2:]):
-        raise RuntimeError(f"decoder: upsampled {tuple(up.shape)} {up.dtype}, expected {up_dtype}")
-    joined[:, :up_channels].copy_(up)
-    del up
-    return _chain(_leaves(stage), [joined])
+    if not (channels_last and _upsample_into(transpconv, lres, joined[:, :up_channels])):
+        up = transpconv(lres)
+        del lres
+        if up.dtype != up_dtype or tuple(up.shape[2:]) != tuple(joined.shape[2:]):
+            raise RuntimeError(f"decoder: upsampled {tuple(up.shape)} {up.dtype}, expected {up_dtype}")
+        joined[:, :up_channels].copy_(up)
+        del up
+    return _chain(leaves, [joined], fused=channels_last)
 
 
 def lean_forward(net: nn.Module, x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
@@ -304,9 +293,8 @@ def lean_forward(net: nn.Module, x: torch.Tensor, channels_last: bool | None = N
         skips.append(_chain(_leaves(stage), [skips[-1] if skips else x], fused=channels_last))
     del x
     lres = skips.pop()
-    run_stage = _decoder_stage if channels_last else _plain_decoder_stage
     for s, stage in enumerate(decoder.stages):
         held = [lres, skips.pop()]
         del lres
-        lres = run_stage(decoder.transpconvs[s], stage, held)
+        lres = _decoder_stage(decoder.transpconvs[s], stage, held, channels_last)
     return decoder.seg_layers[-1](lres).contiguous()
